@@ -1,0 +1,404 @@
+"""Reading a user's dataset: the two layouts, splits, decoding and transforms.
+
+Layouts (DESIGN.md section 4):
+  ImageFolder  train/<class>/*.png [val/ test/]   or just <class>/*.png
+  Manifest     a CSV at the root: filename,label[,split][,group]
+               (Waterbirds' img_filename,y,split,place is accepted too)
+
+Images are decoded once, resized whole (no crop) to the network input and kept
+as uint8, so masks computed on that view line up with the pixels they zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .archive import safe_member_path
+from .errors import DatasetError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+SPLITS = ("train", "val", "test")
+MAX_IMAGE_PIXELS = 64_000_000  # checked from the header, before any pixel is decoded
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train", "0": "train",
+    "val": "val", "valid": "val", "validation": "val", "1": "val",
+    "test": "test", "testing": "test", "2": "test",
+}
+_IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Sample:
+    path: Path
+    name: str  # path relative to the dataset root, as shown to the user
+    label: int
+    group: int = -1
+
+
+@dataclass
+class DatasetIndex:
+    """Every usable sample by split, plus what was skipped and why."""
+
+    root: Path
+    layout: str
+    classes: list[str]
+    groups: list[str] | None
+    splits: dict[str, list[Sample]]
+    split_origin: dict[str, str]  # split -> "dataset" or "carved (seeded)"
+    skipped: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class DecodedSplit:
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # int64 [N]
+    groups: torch.Tensor  # int64 [N], -1 without groups
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# ---------------------------------------------------------------- indexing
+
+
+def _visible(path: Path) -> bool:
+    return not (path.name.startswith(".") or path.name in _IGNORED_NAMES)
+
+
+def _entries(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if _visible(p))
+
+
+def _dataset_root(root: Path) -> Path:
+    """Step into a lone wrapping folder (zipping a folder adds one)."""
+    while True:
+        entries = _entries(root)
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in SPLITS:
+            root = entries[0]
+        else:
+            return root
+
+
+def _sorted_names(names: set[str]) -> list[str]:
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _images_under(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        and all(_visible(Path(part)) for part in p.relative_to(directory).parts)
+    )
+
+
+def _index_image_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, str]]]]:
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if split_dirs and "train" not in split_dirs:
+        raise DatasetError("the dataset has val/ or test/ folders but no train/ folder")
+    if not split_dirs:
+        split_dirs = {"all": root}
+    class_dirs = {s: [d for d in _entries(d) if d.is_dir()] for s, d in split_dirs.items()}
+    first = "train" if "train" in class_dirs else "all"
+    classes = _sorted_names({d.name for d in class_dirs[first]})
+    rows: dict[str, list[tuple[Path, str]]] = {}
+    for split, dirs in class_dirs.items():
+        unknown = {d.name for d in dirs} - set(classes)
+        if unknown:
+            raise DatasetError(f"{split}/ has classes that train/ lacks: {sorted(unknown)}")
+        rows[split] = [(p, d.name) for d in dirs for p in _images_under(d)]
+    return classes, rows
+
+
+def _find_manifest(root: Path) -> Path | None:
+    csvs = [p for p in _entries(root) if p.is_file() and p.suffix.lower() == ".csv"]
+    if len(csvs) <= 1:
+        return csvs[0] if csvs else None
+    for preferred in ("metadata.csv", "manifest.csv"):
+        if (root / preferred) in csvs:
+            return root / preferred
+    raise DatasetError(f"several CSV files at the dataset root ({[p.name for p in csvs]}); name the manifest metadata.csv")
+
+
+def _read_manifest(manifest: Path, skipped: list[dict]):
+    try:
+        text = manifest.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{manifest.name} is not UTF-8 text") from exc
+    csv.field_size_limit(1 << 16)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DatasetError(f"{manifest.name} is not a readable CSV: {exc}") from exc
+    file_col = next((c for c in ("filename", "img_filename") if c in header), None)
+    label_col = next((c for c in ("label", "y") if c in header), None)
+    if file_col is None or label_col is None:
+        raise DatasetError(f"{manifest.name} needs the columns filename,label (or img_filename,y); it has {header}")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        name, label = (row.get(file_col) or "").strip(), (row.get(label_col) or "").strip()
+        if not label:
+            skipped.append({"file": name, "reason": f"{manifest.name} line {line}: empty label"})
+            continue
+        split = None
+        if "split" in header:
+            raw = (row.get("split") or "").strip().lower()
+            split = _SPLIT_ALIASES.get(raw)
+            if split is None:
+                raise DatasetError(f"{manifest.name} line {line}: unknown split {raw!r} (use train, val or test)")
+        if "group" in header:
+            group = (row.get("group") or "").strip() or "unknown"
+        elif "place" in header:  # Waterbirds: the group is (label, place)
+            group = f"y={label}/place={(row.get('place') or '').strip()}"
+        else:
+            group = None
+        out.append((line, name, label, split, group))
+    return out
+
+
+def index_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> DatasetIndex:
+    """Find the layout, classes, groups and splits of an unpacked dataset directory."""
+    root = _dataset_root(Path(root))
+    skipped: list[dict] = []
+    manifest = _find_manifest(root)
+    groups: list[str] | None = None
+    if manifest is not None:
+        layout = "manifest"
+        entries = _read_manifest(manifest, skipped)
+        classes = _sorted_names({e[2] for e in entries})
+        group_names = {e[4] for e in entries if e[4] is not None}
+        groups = sorted(group_names) if group_names else None
+        by_split: dict[str, list[Sample]] = {}
+        has_split = any(e[3] for e in entries)
+        resolved_root = root.resolve()
+        for line, name, label, split, group in entries:
+            try:
+                rel = safe_member_path(name)
+            except DatasetError as exc:
+                skipped.append({"file": name, "reason": f"{manifest.name} line {line}: {exc}"})
+                continue
+            path = root.joinpath(*rel.parts)
+            if not rel.parts or not path.is_file() or not path.resolve().is_relative_to(resolved_root):
+                skipped.append({"file": name, "reason": f"{manifest.name} line {line}: no such file in the dataset"})
+                continue
+            sample = Sample(path, str(rel), classes.index(label), groups.index(group) if groups else -1)
+            by_split.setdefault(split if has_split else "all", []).append(sample)
+    else:
+        layout = "image_folder"
+        classes, rows = _index_image_folder(root)
+        by_split = {
+            split: [Sample(p, str(PurePosixPath(*p.relative_to(root).parts)), classes.index(c)) for p, c in items]
+            for split, items in rows.items()
+        }
+    return _finish_splits(root, layout, classes, groups, by_split, skipped, val_fraction, test_fraction, seed)
+
+
+def _carve(samples: list[Sample], fraction: float, rng: np.random.Generator) -> tuple[list[Sample], list[Sample]]:
+    """Stratified by class: (rest, carved)."""
+    rest, carved = [], []
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = rng.permutation(len(items))
+        n = int(round(fraction * len(items))) if len(items) > 1 else 0
+        carved += [items[i] for i in order[:n]]
+        rest += [items[i] for i in order[n:]]
+    return rest, carved
+
+
+def _finish_splits(root, layout, classes, groups, by_split, skipped, val_fraction, test_fraction, seed) -> DatasetIndex:
+    rng = np.random.default_rng(seed)
+    origin = {}
+    if "all" in by_split:
+        rest = by_split.pop("all")
+        if test_fraction > 0:
+            rest, by_split["test"] = _carve(rest, test_fraction, rng)
+            origin["test"] = "carved (seeded)"
+        by_split["train"] = rest
+    if not by_split.get("train"):
+        raise DatasetError("the dataset has no training images" if not skipped else
+                           f"the dataset has no usable training images ({len(skipped)} skipped)")
+    if not by_split.get("val"):
+        by_split["train"], by_split["val"] = _carve(by_split["train"], val_fraction, rng)
+        origin["val"] = "carved (seeded)"
+    for split in by_split:
+        origin.setdefault(split, "dataset")
+    index = DatasetIndex(root, layout, classes, groups, {s: by_split[s] for s in SPLITS if by_split.get(s)}, origin, skipped)
+    check_trainable(index)
+    return index
+
+
+def check_trainable(index: DatasetIndex) -> None:
+    if len(index.classes) < 2:
+        raise DatasetError(f"the dataset has only one class ({index.classes}); MaskTune needs at least two")
+    present = {s.label for s in index.splits.get("train", [])}
+    missing = [c for i, c in enumerate(index.classes) if i not in present]
+    if missing:
+        raise DatasetError(f"classes with no usable training image: {missing}")
+    if not index.splits.get("val"):
+        raise DatasetError("the dataset is too small to hold out a validation split")
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img) * (255.0 if np.asarray(img).max() <= 1 else 1), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], str]:
+    """(uint8 HxWx3 at size x size, original (width, height), original mode)."""
+    with Image.open(path) as img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise DatasetError(f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
+        mode = img.mode
+        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it can
+        rgb = _to_rgb(img)
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8), (width, height), mode
+
+
+@dataclass
+class DecodedDataset:
+    splits: dict[str, DecodedSplit]
+    image_stats: dict
+
+
+def decode_dataset(index: DatasetIndex, size: int, workers: int | None = None) -> DecodedDataset:
+    """Decode every sample at ``size``; unreadable images are skipped and reported."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    sizes: list[tuple[int, int]] = []
+    modes: Counter = Counter()
+    splits: dict[str, DecodedSplit] = {}
+
+    def load(sample: Sample):
+        try:
+            return sample, decode_image(sample.path, size), None
+        except DatasetError as exc:
+            return sample, None, str(exc)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return sample, None, f"unreadable image: {exc}"
+
+    with ThreadPoolExecutor(workers) as pool:
+        for split, samples in index.splits.items():
+            arrays, labels, groups, names, kept = [], [], [], [], []
+            for sample, decoded, error in pool.map(load, samples):
+                if decoded is None:
+                    index.skipped.append({"file": sample.name, "reason": error})
+                    continue
+                array, wh, mode = decoded
+                arrays.append(array)
+                labels.append(sample.label)
+                groups.append(sample.group)
+                names.append(sample.name)
+                kept.append(sample)
+                sizes.append(wh)
+                modes[mode] += 1
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
+            splits[split] = DecodedSplit(images, torch.tensor(labels, dtype=torch.long), torch.tensor(groups, dtype=torch.long), names)
+            index.splits[split] = kept
+    check_trainable(index)
+    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+    stats = {
+        "min_width": min(widths), "max_width": max(widths),
+        "min_height": min(heights), "max_height": max(heights),
+        "modes": dict(modes),
+    }
+    return DecodedDataset(splits, stats)
+
+
+def summarize(index: DatasetIndex, decoded: DecodedDataset | None = None, max_skipped_listed: int = 100) -> dict:
+    """What a user sees about their dataset: classes, groups, counts, sizes, skips."""
+    def counts(samples: list[Sample]) -> dict:
+        per_class = Counter(index.classes[s.label] for s in samples)
+        out = {"images": len(samples), "per_class": {c: per_class.get(c, 0) for c in index.classes}}
+        if index.groups:
+            per_group = Counter(index.groups[s.group] for s in samples)
+            out["per_group"] = {g: per_group.get(g, 0) for g in index.groups}
+        return out
+
+    summary = {
+        "layout": index.layout,
+        "classes": index.classes,
+        "groups": index.groups,
+        "splits": {split: counts(samples) for split, samples in index.splits.items()},
+        "split_origin": index.split_origin,
+        "skipped_count": len(index.skipped),
+        "skipped": index.skipped[:max_skipped_listed],
+    }
+    if decoded is not None:
+        summary["image_sizes"] = decoded.image_stats
+    return summary
+
+
+def dataset_sha256(path: str | Path) -> str:
+    """sha256 of an archive's bytes, or of a directory's (relative path, content) pairs."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f is not path:
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, normalization: str) -> torch.Tensor:
+    if normalization == "none":
+        return x
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x: torch.Tensor, preset: str, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation on 0..1 pixels (after masking, before normalisation)."""
+    if preset == "none":
+        return x
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
+    pad = max(1, h // 8)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])

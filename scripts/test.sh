@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test command: set up .venv if needed, then run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+exec .venv/bin/python -m pytest "$@"
