@@ -57,9 +57,9 @@ class ErmConfig(_Strict):
         20, ge=0, le=1000, description="ERM epochs; 0 skips ERM and needs uploaded weights (official MNIST recipe: 100)."
     )
     lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate, constant (official).")
-    batch_size: int = Field(128, ge=1, le=4096)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0, le=1)
+    batch_size: int = Field(128, ge=1, le=4096, description="ERM batch size (official: 128).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (official: 0.9).")
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="SGD weight decay (official: 1e-4).")
 
 
 class MaskingConfig(_Strict):
@@ -72,7 +72,7 @@ class MaskingConfig(_Strict):
     checkpoint: Literal["best", "last"] = Field(
         "best", description="ERM checkpoint whose saliency is used; 'best' (by validation accuracy) is official."
     )
-    batch_size: int = Field(128, ge=1, le=4096)
+    batch_size: int = Field(128, ge=1, le=4096, description="Images per saliency batch (a memory setting, not a method one).")
 
 
 class FinetuneConfig(_Strict):
@@ -90,7 +90,10 @@ class FinetuneConfig(_Strict):
 
 class SelectiveConfig(_Strict):
     enabled: bool = Field(False, description="Report selective classification (confidence = max softmax(p_erm * p_masktune)).")
-    coverages: list[float] = Field([0.80, 0.85, 0.90, 0.95, 1.00], min_length=1, max_length=20)
+    coverages: list[float] = Field(
+        [0.80, 0.85, 0.90, 0.95, 1.00], min_length=1, max_length=20,
+        description="Target coverages in (0, 1]; thresholds come from validation confidence quantiles.",
+    )
 
     @model_validator(mode="after")
     def _coverages_in_range(self) -> SelectiveConfig:
@@ -113,4 +116,4 @@ class JobConfig(_Strict):
     )
     selective: SelectiveConfig = SelectiveConfig()
     preview_count: int = Field(8, ge=0, le=64, description="Training images shown in previews.png.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds weights, splits, shuffling and augmentation: same seed, same result on CPU.")

@@ -1,0 +1,40 @@
+import pytest
+from pydantic import ValidationError
+
+from masktune_core.config import JobConfig
+
+
+def test_defaults_are_the_official_recipe():
+    c = JobConfig()
+    assert (c.erm.lr, c.erm.momentum, c.erm.weight_decay, c.erm.batch_size) == (0.01, 0.9, 1e-4, 128)
+    assert c.masking.method == "xgradcam" and c.masking.threshold_std == 2.0 and c.masking.checkpoint == "best"
+    assert c.finetune.epochs == 1 and c.finetune.batch_size is None
+    assert c.masktune_iterations == 1 and not c.accumulative_masking
+    assert c.data.augmentation == "none"
+    assert c.selective.coverages == [0.80, 0.85, 0.90, 0.95, 1.00]
+
+
+def test_the_design_body_parses():
+    body = {"model": {"architecture": "small_cnn", "weights_id": None}, "erm": {"epochs": 20, "lr": 0.01, "batch_size": 128},
+            "masking": {"method": "xgradcam", "threshold_std": 2.0}, "finetune": {"epochs": 1}, "seed": 0}
+    assert JobConfig.model_validate(body).erm.epochs == 20
+
+
+@pytest.mark.parametrize("body", [
+    {"unknown": 1},
+    {"erm": {"epochs": -1}},
+    {"erm": {"lr": 0}},
+    {"erm": {"batch_size": 0}},
+    {"erm": {"momentum": 1.0}},
+    {"masking": {"method": "scorecam"}},
+    {"masking": {"threshold_std": -1}},
+    {"masking": {"color": "red"}},
+    {"finetune": {"epochs": 0}},
+    {"data": {"input_size": 4}},
+    {"data": {"augmentation": "mixup"}},
+    {"selective": {"coverages": [0.5, 1.5]}},
+    {"seed": -1},
+])
+def test_out_of_range_and_unknown_fields_are_rejected(body):
+    with pytest.raises(ValidationError):
+        JobConfig.model_validate(body)
