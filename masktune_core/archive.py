@@ -11,6 +11,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -42,8 +43,9 @@ def safe_member_path(name: str) -> PurePosixPath:
 
 
 class _Budget:
-    def __init__(self, limits: ExtractionLimits):
+    def __init__(self, limits: ExtractionLimits, archive_bytes: int):
         self.limits = limits
+        self.archive_bytes = archive_bytes
         self.members = 0
         self.total_bytes = 0
         self.seen: set[PurePosixPath] = set()
@@ -56,7 +58,7 @@ class _Budget:
             raise DatasetError(f"archive contains {str(rel)!r} twice")
         self.seen.add(rel)
 
-    def copy(self, src: BinaryIO, dst: BinaryIO, name: str, compressed_size: int | None) -> None:
+    def copy(self, src: BinaryIO, dst: BinaryIO, name: str, compressed_size: int) -> None:
         written = 0
         while chunk := src.read(_CHUNK):
             written += len(chunk)
@@ -65,16 +67,16 @@ class _Budget:
                 raise DatasetError(
                     f"archive unpacks to more than {self.limits.max_total_bytes} bytes"
                 )
-            if compressed_size is not None and written > _CHUNK and (
-                written > self.limits.max_member_ratio * max(compressed_size, 1)
-            ):
+            if written > _CHUNK and written > self.limits.max_member_ratio * max(compressed_size, 1):
                 raise DatasetError(
                     f"archive member {name!r} inflates more than {self.limits.max_member_ratio:g}x"
                 )
+            if self.total_bytes > _CHUNK and self.total_bytes > self.limits.max_member_ratio * self.archive_bytes:
+                raise DatasetError(f"archive inflates more than {self.limits.max_member_ratio:g}x its size")
             dst.write(chunk)
 
 
-def _write_member(dest: Path, rel: PurePosixPath, src: BinaryIO, budget: _Budget, compressed: int | None) -> None:
+def _write_member(dest: Path, rel: PurePosixPath, src: BinaryIO, budget: _Budget, compressed: int) -> None:
     target = dest.joinpath(*rel.parts)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as out:
@@ -88,7 +90,7 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
             mode = info.external_attr >> 16
             if info.is_dir() or not rel.parts:
                 continue
-            if mode and not stat.S_ISREG(mode):
+            if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                 continue  # symlinks and other special entries are never written
             budget.admit(rel)
             with zf.open(info) as src:
@@ -106,7 +108,8 @@ def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
             if src is None:
                 continue
             with src:
-                _write_member(dest, rel, src, budget, None)
+                # tar members are not compressed one by one: only the whole-archive ratio applies
+                _write_member(dest, rel, src, budget, member.size)
 
 
 def extract_archive(archive: str | Path, dest: str | Path, limits: ExtractionLimits = ExtractionLimits()) -> Path:
@@ -114,8 +117,10 @@ def extract_archive(archive: str | Path, dest: str | Path, limits: ExtractionLim
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file() or archive.stat().st_size == 0:
         raise DatasetError("the dataset file is empty")
+    if dest.exists() and any(dest.iterdir()):
+        raise ValueError(f"{dest} is not empty")
     dest.mkdir(parents=True, exist_ok=True)
-    budget = _Budget(limits)
+    budget = _Budget(limits, archive.stat().st_size)
     try:
         if zipfile.is_zipfile(archive):
             _extract_zip(archive, dest, budget)
@@ -123,7 +128,9 @@ def extract_archive(archive: str | Path, dest: str | Path, limits: ExtractionLim
             _extract_tar(archive, dest, budget)
         else:
             raise DatasetError("the dataset is not a .zip, .tar or .tar.gz archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    # zlib.error: corrupt deflate data; RuntimeError: encrypted member;
+    # NotImplementedError: a compression method zipfile lacks (Deflate64).
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, RuntimeError, NotImplementedError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise DatasetError(f"the archive is damaged: {exc}") from exc
     except DatasetError:

@@ -362,16 +362,22 @@ def summarize(index: DatasetIndex, decoded: DecodedDataset | None = None, max_sk
 
 
 def dataset_sha256(path: str | Path) -> str:
-    """sha256 of an archive's bytes, or of a directory's (relative path, content) pairs."""
+    """sha256 of an archive's bytes, or of a directory's sorted (relative path, content sha256) lines."""
     path = Path(path)
+    if path.is_file():
+        return _file_sha256(path)
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if f is not path:
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        # Names hold no NUL and the content hash has a fixed length: no two trees collide.
+        digest.update(f"{f.relative_to(path)}\0{_file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -55,9 +55,10 @@ class ResNetClassifier(nn.Module):
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
         self.net = net
-        self._target = self._deepest_block_at_least_4x4(input_size)
+        # A name, not the module: a module attribute would register the block twice in state_dict().
+        self._target_stage = self._deepest_stage_at_least_4x4(input_size)
 
-    def _deepest_block_at_least_4x4(self, input_size: int) -> nn.Module:
+    def _deepest_stage_at_least_4x4(self, input_size: int) -> str:
         sides = {}
         hooks = [
             stage.register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
@@ -70,16 +71,16 @@ class ResNetClassifier(nn.Module):
         self.net.train(was_training)
         for h in hooks:
             h.remove()
-        for name, stage in reversed(self._stages()):
+        for name, _ in reversed(self._stages()):
             if sides[name] >= 4:
-                return stage[-1]
-        return self.net.layer1[-1]
+                return name
+        return "layer1"
 
     def _stages(self) -> list[tuple[str, nn.Sequential]]:
         return [(f"layer{i}", getattr(self.net, f"layer{i}")) for i in range(1, 5)]
 
     def saliency_target_layer(self) -> nn.Module:
-        return self._target
+        return getattr(self.net, self._target_stage)[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -101,7 +102,7 @@ def register(arch: Architecture) -> None:
     _REGISTRY[arch.name] = arch
 
 
-register(Architecture("small_cnn", lambda n, s: SmallCNN(n, s), 28, 14, "official MaskTune SmallCNN (biased MNIST)"))
+register(Architecture("small_cnn", lambda n, s: SmallCNN(n, s), 28, 16, "official MaskTune SmallCNN (biased MNIST)"))
 for _depth, _builder in ((18, torchvision.models.resnet18), (34, torchvision.models.resnet34), (50, torchvision.models.resnet50)):
     register(Architecture(
         f"resnet{_depth}", lambda n, s, b=_builder: ResNetClassifier(b, n, s, small_stem=False), 224, 32,
@@ -153,7 +154,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from .safetensors, or from a state-dict .pt read without unpickling code."""
     path = Path(path)
     try:
-        if path.read_bytes()[:2] == b"PK" or path.suffix == ".pt" or path.suffix == ".pth":
+        with open(path, "rb") as fh:
+            is_zip = fh.read(2) == b"PK"  # torch.save's format, whatever the file is called
+        if is_zip or path.suffix in (".pt", ".pth"):
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
             state = load_file(str(path))
