@@ -4,7 +4,7 @@
     metrics = run_masktune("data.zip", "out/", JobConfig())
 """
 
-from .config import JobConfig
+from jobspec import JobConfig
 from .errors import ConfigError, DatasetError, JobCancelled, MaskTuneError, ModelError
 from .models import architectures, create_model, load_weights, save_weights
 from .pipeline import ARTIFACTS, STAGES, MaskTuneRun, ProgressEvent, run_masktune

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from .config import JobConfig
+from jobspec import JobConfig
 from .errors import MaskTuneError
 from .metrics import comparison_table
 from .models import architectures

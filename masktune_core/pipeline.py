@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .archive import extract_archive
-from .config import JobConfig
+from jobspec import JobConfig
 from .data import DecodedSplit, dataset_sha256, decode_dataset, index_dataset, summarize
 from .errors import ConfigError, DatasetError, JobCancelled
 from .masking import apply_masks, threshold_masks

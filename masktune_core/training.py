@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ErmConfig
+from jobspec import ErmConfig
 from .data import augment, normalize, to_float
 from .errors import JobCancelled
 

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from masktune_core.config import JobConfig
+from jobspec import JobConfig
 
 
 def test_defaults_are_the_official_recipe():

@@ -1,4 +1,6 @@
-"""The whole job configuration, shared by the CLI and the HTTP API.
+"""The job configuration contract, shared by masktune_core (CLI), api and worker.
+
+Pure pydantic, so the API can validate job bodies without importing torch.
 
 Defaults follow the official MaskTune code (github.com/aliasgharkhani/Masktune);
 every deviation from it is a named field whose description says so.

@@ -1,0 +1,51 @@
+"""Every setting of the service, from MASKTUNE_* environment variables (documented in README)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MASKTUNE_", extra="ignore")
+
+    data_dir: Path = Field(Path("runs/service"), description="Root of the embedded defaults: SQLite file, blobs, broker folder, work areas.")
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under data_dir. PostgreSQL: postgresql+psycopg://user@host/db.")
+    blob_url: str = Field("", description="fsspec URL for blob storage; default: data_dir/blobs. S3-compatible: s3://bucket/prefix.")
+    broker_url: str = Field("", description="Celery broker; default: kombu's filesystem transport under data_dir/broker. Production: redis://host:6379/0.")
+    work_dir: Path = Field(Path(""), description="Worker's local scratch space for running jobs; default: data_dir/work.")
+    max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload; larger requests get 413.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good (a worker that dies mid-job counts).")
+    visibility_timeout_s: int = Field(24 * 3600, ge=60, description="Redis redelivers an unacknowledged job after this long; must exceed the longest job.")
+    progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress writes of a running job.")
+    device: str | None = Field(None, description="Worker device (cpu, cuda, cuda:1); default: CUDA when present.")
+    jobs_queue: str = Field("masktune.jobs", description="Queue of MaskTune runs (GPU workers).")
+    validation_queue: str = Field("masktune.validation", description="Queue of upload validation (CPU is enough).")
+    api_host: str = Field("127.0.0.1", description="Address the embedded start binds.")
+    api_port: int = Field(8000, description="Port the embedded start binds.")
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'masktune.db'}"
+        if not self.blob_url:
+            self.blob_url = str(self.data_dir / "blobs")
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.work_dir == Path(""):
+            self.work_dir = self.data_dir / "work"
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the filesystem broker keeps its messages (embedded mode only)."""
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
