@@ -45,6 +45,38 @@ class Settings(BaseSettings):
         """Where the filesystem broker keeps its messages (embedded mode only)."""
         return self.data_dir / "broker"
 
+    def celery_config(self) -> dict:
+        """The Celery settings both the API (producer) and the worker use: one place, no drift."""
+        transport: dict = {"visibility_timeout": self.visibility_timeout_s}
+        if self.broker_url.startswith("filesystem"):
+            folder = self.broker_folder
+            for sub in ("queue", "processed"):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+            transport.update(data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
+                             processed_folder=str(folder / "processed"), store_processed=False)
+        return {
+            "broker_url": self.broker_url,
+            "broker_transport_options": transport,
+            # Redis result backends read it from here (we keep no results, but set it everywhere).
+            "result_backend_transport_options": {"visibility_timeout": self.visibility_timeout_s},
+            "task_ignore_result": True,
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": 1,
+            "broker_connection_retry_on_startup": True,
+            "task_routes": {
+                TASK_RUN_JOB: {"queue": self.jobs_queue},
+                TASK_VALIDATE_DATASET: {"queue": self.validation_queue},
+                TASK_VALIDATE_MODEL: {"queue": self.validation_queue},
+            },
+        }
+
+
+# Celery task names: the API sends them by name, the worker registers them.
+TASK_RUN_JOB = "masktune.run_job"
+TASK_VALIDATE_DATASET = "masktune.validate_dataset"
+TASK_VALIDATE_MODEL = "masktune.validate_model"
+
 
 @lru_cache
 def get_settings() -> Settings:
