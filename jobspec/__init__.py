@@ -13,6 +13,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# Architecture names of masktune_core's model registry, the part of it the contract needs:
+# the API checks uploads and job bodies against this list without importing torch.
+# masktune_core.models registers exactly these (a test should keep the two equal).
+ARCHITECTURES: tuple[str, ...] = (
+    "small_cnn", "resnet18", "resnet34", "resnet50", "resnet18_small", "resnet34_small", "resnet50_small",
+)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

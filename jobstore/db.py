@@ -16,10 +16,15 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+def _sqlite_folder(url: str) -> None:
+    if url.startswith("sqlite"):
+        Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+
+
 @lru_cache
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        _sqlite_folder(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -30,7 +35,8 @@ def get_engine(url: str) -> Engine:
             conn.execute("PRAGMA busy_timeout=30000")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # connect_timeout: /readyz must answer even when the database host does not.
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
 
 
 @lru_cache
@@ -54,6 +60,7 @@ def session_scope(url: str) -> Iterator[Session]:
 
 def migrate(url: str) -> None:
     """Bring the database schema to the newest revision."""
+    _sqlite_folder(url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

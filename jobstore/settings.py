@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under data_dir. PostgreSQL: postgresql+psycopg://user@host/db.")
     blob_url: str = Field("", description="fsspec URL for blob storage; default: data_dir/blobs. S3-compatible: s3://bucket/prefix.")
     broker_url: str = Field("", description="Celery broker; default: kombu's filesystem transport under data_dir/broker. Production: redis://host:6379/0.")
-    work_dir: Path = Field(Path(""), description="Worker's local scratch space for running jobs; default: data_dir/work.")
+    work_dir: Path | None = Field(None, description="Worker's local scratch space for running jobs; default: data_dir/work.")
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload; larger requests get 413.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good (a worker that dies mid-job counts).")
     visibility_timeout_s: int = Field(24 * 3600, ge=60, description="Redis redelivers an unacknowledged job after this long; must exceed the longest job.")
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
             self.blob_url = str(self.data_dir / "blobs")
         if not self.broker_url:
             self.broker_url = "filesystem://"
-        if self.work_dir == Path(""):
+        if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
         return self
 
@@ -50,10 +50,11 @@ class Settings(BaseSettings):
         transport: dict = {"visibility_timeout": self.visibility_timeout_s}
         if self.broker_url.startswith("filesystem"):
             folder = self.broker_folder
-            for sub in ("queue", "processed"):
+            for sub in ("queue", "processed", "control"):
                 (folder / sub).mkdir(parents=True, exist_ok=True)
             transport.update(data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
-                             processed_folder=str(folder / "processed"), store_processed=False)
+                             processed_folder=str(folder / "processed"), control_folder=str(folder / "control"),
+                             store_processed=False)
         return {
             "broker_url": self.broker_url,
             "broker_transport_options": transport,

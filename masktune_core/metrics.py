@@ -61,8 +61,8 @@ _GLOBAL_SHORTCUT_HINT = (
     "MaskTune helps when the model leans on a small, localized shortcut (a patch, a watermark) "
     "that saliency masking can cover; it can fail when the shortcut is global (a background, a "
     "colour cast) or when the model has no strong shortcut to unlearn. Keep the ERM model "
-    "(erm.safetensors), or try more ERM epochs, a smaller finetune.batch_size or several "
-    "masktune_iterations."
+    "(erm.safetensors), or try masking.checkpoint='last', more ERM epochs, a smaller "
+    "finetune.batch_size or several masktune_iterations."
 )
 
 

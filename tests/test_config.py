@@ -38,3 +38,10 @@ def test_the_design_body_parses():
 def test_out_of_range_and_unknown_fields_are_rejected(body):
     with pytest.raises(ValidationError):
         JobConfig.model_validate(body)
+
+
+def test_the_contract_lists_exactly_the_registered_architectures():
+    from jobspec import ARCHITECTURES
+    from masktune_core import architectures
+
+    assert set(ARCHITECTURES) == set(architectures())

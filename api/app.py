@@ -1,0 +1,58 @@
+"""The FastAPI application: ``uvicorn api.app:app``."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import anyio.to_thread
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from jobstore.db import migrate
+from jobstore.settings import get_settings
+
+from . import __version__
+from .errors import PROBLEM_MEDIA_TYPE, install
+from .routes import datasets, health, jobs, models
+from .uploads import BodyLimitMiddleware
+
+DESCRIPTION = """MaskTune (Asgari Taghanaki et al., NeurIPS 2022) as a service: upload a dataset (and
+optionally starting weights), create a job, follow its events, download metrics and weights.
+
+Every route but the health probes needs `Authorization: Bearer <key>`. Errors are
+`application/problem+json` (RFC 7807) with a stable `code`."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await anyio.to_thread.run_sync(migrate, get_settings().database_url)
+    yield
+
+
+app = FastAPI(title="MaskTune Service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+install(app)
+app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_upload_bytes,
+                   upload_paths=("/v1/datasets", "/v1/models"))
+for module in (health, datasets, models, jobs):
+    app.include_router(module.router)
+
+
+def _openapi() -> dict[str, Any]:
+    """The generated schema, with every error response documented as a Problem in problem+json."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for route, path in schema["paths"].items():
+        for operation in path.values():
+            for status, response in operation.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400 and route != "/readyz":
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = schema
+    return schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]

@@ -1,0 +1,83 @@
+"""Datasets: archive uploads, validated by a worker before jobs may use them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import select
+
+from jobstore import models as tables
+from jobstore.ids import new_id
+from jobstore.jobs import STATUSES, TERMINAL
+from jobstore.settings import TASK_VALIDATE_DATASET
+
+from .. import schemas
+from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
+from ..errors import ProblemError, problems
+from ..uploads import Form, accept_upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+ACTIVE = tuple(s for s in STATUSES if s not in TERMINAL)
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "A .zip or .tar(.gz) archive: ImageFolder (train/<class>/..., optional val/, test/) "
+                                           "or a CSV manifest filename,label[,split][,group] at the root."}},
+}}}}}
+
+
+@router.post("", status_code=201, response_model=schemas.Dataset, summary="Upload a dataset archive",
+             responses=problems(400, 401, 413, 415, 422, 503), openapi_extra=UPLOAD_BODY)
+async def create_dataset(request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+                         blobs: BlobsDep) -> schemas.Dataset:
+    """Streams the archive to storage and queues its validation; the dataset is `validating` until a
+    worker marks it `ready` (with a summary) or `invalid` (with an error)."""
+    ds_id = new_id("ds")
+
+    def make_row(form: Form) -> tables.Dataset:
+        return tables.Dataset(id=ds_id, tenant_id=tenant, filename=form.file.filename, size_bytes=form.file.size_bytes,
+                              sha256=form.file.sha256, blob_key=f"datasets/{ds_id}/upload", status="validating")
+
+    row = await accept_upload(request, session=session, settings=settings, blobs=blobs, prefix=f"datasets/{ds_id}",
+                              task=TASK_VALIDATE_DATASET, make_row=make_row)
+    return schemas.Dataset.of(row)
+
+
+@router.get("", response_model=schemas.DatasetList, summary="List datasets, newest first", responses=problems(401, 422))
+def list_datasets(session: SessionDep, tenant: TenantDep,
+                  limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                  after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> schemas.DatasetList:
+    rows, cursor = page_owned(session, tables.Dataset, tenant, limit=limit, after=after)
+    return schemas.DatasetList(data=[schemas.Dataset.of(r) for r in rows], next_cursor=cursor)
+
+
+@router.get("/{dataset_id}", response_model=schemas.Dataset, summary="Get a dataset", responses=problems(401, 404))
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> schemas.Dataset:
+    return schemas.Dataset.of(get_owned(session, tables.Dataset, dataset_id, tenant))
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response, summary="Delete a dataset",
+               responses=problems(401, 404, 409))
+def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, blobs: BlobsDep) -> Response:
+    """Removes the archive and everything derived from it from storage. Refused (409) while a
+    queued or running job uses it. A dataset that finished jobs reference stays as a hidden
+    record (status `deleted`, no data), so those jobs keep their history; it answers 404 like
+    any unknown id."""
+    # The row lock makes this wait for a job being created on the dataset right now (it
+    # takes a share lock), so that job is seen as active below instead of losing its data.
+    row = get_owned(session, tables.Dataset, dataset_id, tenant, lock="update")
+    jobs = select(tables.Job.id).where(tables.Job.dataset_id == row.id)
+    active = session.scalar(jobs.where(tables.Job.status.in_(ACTIVE)).limit(1))
+    if active is not None:
+        raise ProblemError(409, "dataset_in_use", f"Job {active} still uses this dataset; cancel it or let it finish first.")
+    if session.scalar(jobs.limit(1)) is not None:
+        row.status = "deleted"
+    else:
+        session.delete(row)
+    session.commit()
+    # After the commit: at worst a failed delete leaves unreachable bytes, never a ready dataset without data.
+    blobs.delete_prefix(f"datasets/{row.id}")
+    return Response(status_code=204)

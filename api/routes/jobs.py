@@ -1,0 +1,197 @@
+"""Jobs: MaskTune runs. The database holds their state; the queue message carries only the id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from jobspec import ARCHITECTURES
+from jobstore import models as tables
+from jobstore.ids import new_id
+from jobstore.jobs import STATUSES, add_event, update_job
+from jobstore.models import utcnow
+from jobstore.settings import TASK_RUN_JOB
+
+from .. import schemas
+from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
+from ..errors import ProblemError, problems, validation_problem
+from ..queue import send_task
+
+log = logging.getLogger("api")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
+
+
+def _request_hash(body: schemas.JobCreate) -> str:
+    # Of the validated body, defaults filled in: two bodies that mean the same job hash the same.
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(job: tables.Job, request_hash: str) -> schemas.Job:
+    if job.request_hash != request_hash:
+        raise ProblemError(422, "idempotency_key_reused",
+                           f"This Idempotency-Key was used for job {job.id} with a different body.")
+    return schemas.Job.of(job)
+
+
+def _by_key(session: Session, tenant: str, key: str) -> tables.Job | None:
+    return session.scalar(select(tables.Job).where(tables.Job.tenant_id == tenant, tables.Job.idempotency_key == key))
+
+
+def _usable(kind: str, status: str, object_id: str, error: str | None) -> None:
+    if status == "validating":
+        raise ProblemError(409, f"{kind}_not_ready", f"The {kind} {object_id} is still being validated; retry shortly.")
+    if status != "ready":
+        raise ProblemError(422, f"{kind}_invalid", f"The {kind} {object_id} is not usable: {error or status}.")
+
+
+def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> None:
+    """404/409/422 unless the dataset (and the starting model, if any) fit this job."""
+    if body.model.architecture not in ARCHITECTURES:
+        raise validation_problem([{"loc": ["body", "model", "architecture"], "type": "literal_error",
+                                   "msg": f"Unknown architecture; one of: {', '.join(ARCHITECTURES)}."}])
+    if body.erm.epochs == 0 and body.model.weights_id is None:
+        raise validation_problem([{"loc": ["body", "erm", "epochs"], "type": "value_error",
+                                   "msg": "erm.epochs = 0 skips ERM and needs model.weights_id (an uploaded model)."}])
+    # Share lock until the commit: a concurrent DELETE of the dataset waits and then sees this job.
+    dataset = get_owned(session, tables.Dataset, body.dataset_id, tenant, lock="share")
+    _usable("dataset", dataset.status, dataset.id, dataset.error)
+    if body.model.weights_id is None:
+        return
+    model = get_owned(session, tables.Model, body.model.weights_id, tenant)
+    _usable("model", model.status, model.id, model.error)
+    if model.architecture != body.model.architecture:
+        raise ProblemError(422, "architecture_mismatch", f"Model {model.id} is a {model.architecture}, "
+                                                         f"the job asks for {body.model.architecture}.")
+    classes = (dataset.summary or {}).get("classes")
+    if isinstance(classes, (list, dict)) and model.num_classes != len(classes):
+        raise ProblemError(422, "num_classes_mismatch", f"Model {model.id} has {model.num_classes} classes, "
+                                                        f"dataset {dataset.id} has {len(classes)}.")
+
+
+@router.post("", status_code=201, response_model=schemas.Job, summary="Create a MaskTune job",
+             responses=problems(401, 404, 409, 422, 503))
+def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(
+                   max_length=200, description="Retry safely: the same key and body return the same job.")] = None,
+               ) -> schemas.Job:
+    """Queues the run at once (`status: queued`). Every config field has a default; the job stores
+    the full resolved config."""
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        existing = _by_key(session, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash)
+    _check_inputs(session, tenant, body)
+    job = tables.Job(id=new_id("job"), tenant_id=tenant, dataset_id=body.dataset_id, model_id=body.model.weights_id,
+                     config=body.config(), status="queued", idempotency_key=idempotency_key, request_hash=request_hash)
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the insert: answer with its job.
+        session.rollback()
+        existing = _by_key(session, tenant, idempotency_key) if idempotency_key is not None else None
+        if existing is None:
+            raise
+        return _replay(existing, request_hash)
+    try:
+        send_task(settings, TASK_RUN_JOB, job.id)  # after the commit: the worker always finds the row
+    except Exception as exc:
+        log.error("could not queue job %s: %r", job.id, exc)
+        session.delete(job)
+        session.commit()
+        raise ProblemError(503, "queue_unavailable", "The task queue is unreachable; no job was created, try again.") from None
+    return schemas.Job.of(job)
+
+
+@router.get("", response_model=schemas.JobList, summary="List jobs, newest first", responses=problems(401, 422))
+def list_jobs(session: SessionDep, tenant: TenantDep,
+              status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> schemas.JobList:
+    where = (tables.Job.status == status,) if status is not None else ()
+    rows, cursor = page_owned(session, tables.Job, tenant, limit=limit, after=after, where=where)
+    return schemas.JobList(data=[schemas.Job.of(r) for r in rows], next_cursor=cursor)
+
+
+@router.get("/{job_id}", response_model=schemas.Job, summary="Get a job", responses=problems(401, 404))
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.Job:
+    return schemas.Job.of(get_owned(session, tables.Job, job_id, tenant))
+
+
+@router.post("/{job_id}/cancel", response_model=schemas.Job, summary="Cancel a job", responses=problems(401, 404))
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.Job:
+    """A queued job is cancelled at once; a running one becomes `cancelling` and the worker stops at
+    its next batch. Cancelling a cancelling or finished job changes nothing. Returns the job."""
+    job = get_owned(session, tables.Job, job_id, tenant, lock="update")  # the worker's writes wait meanwhile
+    if job.status == "queued":
+        if update_job(session, job.id, status="cancelled", cancel_requested=True, finished_at=utcnow()):
+            add_event(session, job.id, "status", "Cancelled before it started.", data={"status": "cancelled"})
+    elif job.status == "running":
+        if update_job(session, job.id, status="cancelling", cancel_requested=True):
+            add_event(session, job.id, "status", "Cancellation requested; stopping at the next batch.",
+                      data={"status": "cancelling"})
+    session.commit()
+    session.refresh(job)
+    return schemas.Job.of(job)
+
+
+@router.get("/{job_id}/events", response_model=schemas.EventList, summary="A job's events, oldest first",
+            responses=problems(401, 404, 422))
+def list_events(job_id: str, session: SessionDep, tenant: TenantDep,
+                after: Annotated[int | None, Query(ge=0, description="Only events after this id (a next_cursor).")] = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> schemas.EventList:
+    job = get_owned(session, tables.Job, job_id, tenant)
+    query = select(tables.JobEvent).where(tables.JobEvent.job_id == job.id)
+    if after is not None:
+        query = query.where(tables.JobEvent.seq > after)
+    rows = list(session.scalars(query.order_by(tables.JobEvent.seq).limit(limit)))
+    return schemas.EventList(data=[schemas.Event.of(r) for r in rows], next_cursor=rows[-1].seq if rows else None)
+
+
+@router.get("/{job_id}/artifacts", response_model=schemas.ArtifactList, summary="A job's artifacts",
+            responses=problems(401, 404))
+def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.ArtifactList:
+    job = get_owned(session, tables.Job, job_id, tenant)
+    rows = session.scalars(select(tables.Artifact).where(tables.Artifact.job_id == job.id).order_by(tables.Artifact.name))
+    return schemas.ArtifactList(data=[schemas.Artifact.of(r) for r in rows])
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_CHUNK = 1 << 20
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=StreamingResponse, summary="Download an artifact",
+            responses={200: {"description": "The artifact's bytes.", "content": {"application/octet-stream": {}}},
+                       **problems(401, 404)})
+def download_artifact(job_id: str, name: str, session: SessionDep, tenant: TenantDep, blobs: BlobsDep) -> StreamingResponse:
+    job = get_owned(session, tables.Job, job_id, tenant)
+    artifact = session.get(tables.Artifact, (job.id, name))
+    if artifact is None:
+        raise ProblemError(404, "not_found", f"Job {job.id} has no artifact named {name!r}.")
+    try:
+        handle = blobs.open(artifact.blob_key)
+    except FileNotFoundError:
+        log.error("artifact %s of %s has a row but no blob %s", name, job.id, artifact.blob_key)
+        raise ProblemError(404, "not_found", f"The artifact {name!r} is no longer stored.") from None
+
+    def chunks():
+        with handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+
+    headers = {"Content-Length": str(artifact.size_bytes), "ETag": f'"{artifact.sha256}"',
+               "Content-Disposition": f'attachment; filename="{_SAFE_NAME.sub("_", artifact.name)}"'}
+    return StreamingResponse(chunks(), media_type=artifact.content_type, headers=headers)

@@ -1,0 +1,175 @@
+"""Request and response bodies: the OpenAPI schema documents every one of them."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from jobspec import ARCHITECTURES, JobConfig
+from jobstore import models as tables
+from jobstore.jobs import STATUSES
+
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
+
+
+class Dataset(BaseModel):
+    id: str = Field(examples=["ds_0123456789abcdef0123"])
+    object: Literal["dataset"] = "dataset"
+    filename: str
+    size_bytes: int
+    sha256: str
+    status: Literal["validating", "ready", "invalid"] = Field(
+        description="validating: a worker is checking the archive; ready: usable by jobs; invalid: see error.")
+    error: str | None = None
+    summary: dict[str, Any] | None = Field(None, description="What validation found (classes, splits, counts, groups).")
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, row: tables.Dataset) -> Dataset:
+        return cls(id=row.id, filename=row.filename, size_bytes=row.size_bytes, sha256=row.sha256, status=row.status,
+                   error=row.error, summary=row.summary, created_at=row.created_at, updated_at=row.updated_at)
+
+
+class Model(BaseModel):
+    id: str = Field(examples=["mdl_0123456789abcdef0123"])
+    object: Literal["model"] = "model"
+    filename: str
+    architecture: str
+    num_classes: int
+    size_bytes: int
+    sha256: str
+    status: Literal["validating", "ready", "invalid"]
+    error: str | None = None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, row: tables.Model) -> Model:
+        return cls(id=row.id, filename=row.filename, architecture=row.architecture, num_classes=row.num_classes,
+                   size_bytes=row.size_bytes, sha256=row.sha256, status=row.status, error=row.error,
+                   created_at=row.created_at, updated_at=row.updated_at)
+
+
+class ModelForm(BaseModel):
+    """The form fields of POST /v1/models (besides the file)."""
+
+    model_config = ConfigDict(extra="ignore")
+    architecture: Literal[ARCHITECTURES] = Field(description="Registered architecture name.")  # type: ignore[valid-type]
+    num_classes: int = Field(ge=2, le=100_000, description="Outputs of the classifier head.")
+
+
+class JobCreate(JobConfig):
+    """A job: the dataset to run on plus the full MaskTune configuration (every field has a default)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "dataset_id": "ds_0123456789abcdef0123", "model": {"architecture": "small_cnn", "weights_id": None},
+        "erm": {"epochs": 20, "lr": 0.01, "batch_size": 128}, "masking": {"method": "xgradcam", "threshold_std": 2.0},
+        "finetune": {"epochs": 1}, "seed": 0}]})
+    dataset_id: str = Field(min_length=1, max_length=64, description="A ready dataset (ds_...).")
+
+    def config(self) -> dict[str, Any]:
+        """The resolved JobConfig, as stored with the job."""
+        return self.model_dump(mode="json", exclude={"dataset_id"})
+
+
+class JobError(BaseModel):
+    code: str = Field(description="Stable code, e.g. dataset_invalid, attempts_exhausted, cancelled.")
+    message: str
+
+
+class Job(BaseModel):
+    id: str = Field(examples=["job_0123456789abcdef0123"])
+    object: Literal["job"] = "job"
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    stage: str | None = Field(None, description="While running: prepare, erm, saliency, finetune, evaluate, export.")
+    progress: float = Field(description="0..1 within the whole run.")
+    dataset_id: str
+    model_id: str | None = Field(None, description="The uploaded starting weights (config.model.weights_id), if any.")
+    config: dict[str, Any] = Field(description="The full resolved JobConfig the run uses.")
+    attempts: int = Field(description="Deliveries to a worker so far.")
+    error: JobError | None = None
+    metrics: dict[str, Any] | None = Field(None, description="Headline metrics once succeeded (metrics.json has them all).")
+    created_at: Timestamp
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, row: tables.Job) -> Job:
+        error = None
+        if row.error_code or row.error_message:
+            error = JobError(code=row.error_code or "error", message=row.error_message or "")
+        return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, dataset_id=row.dataset_id,
+                   model_id=row.model_id, config=row.config, attempts=row.attempts, error=error,
+                   metrics=row.metrics_summary, created_at=row.created_at, started_at=row.started_at,
+                   finished_at=row.finished_at, updated_at=row.updated_at)
+
+
+class Event(BaseModel):
+    id: int = Field(description="Ascending sequence number; pass as ?after= to continue.")
+    kind: str = Field(description="stage | epoch | warning | status | info")
+    stage: str | None = None
+    message: str
+    data: dict[str, Any] | None = None
+    created_at: Timestamp
+
+    @classmethod
+    def of(cls, row: tables.JobEvent) -> Event:
+        return cls(id=row.seq, kind=row.kind, stage=row.stage, message=row.message, data=row.data,
+                   created_at=row.created_at)
+
+
+class Artifact(BaseModel):
+    name: str = Field(examples=["metrics.json"])
+    size_bytes: int
+    sha256: str
+    content_type: str
+
+    @classmethod
+    def of(cls, row: tables.Artifact) -> Artifact:
+        return cls(name=row.name, size_bytes=row.size_bytes, sha256=row.sha256, content_type=row.content_type)
+
+
+class DatasetList(BaseModel):
+    data: list[Dataset]
+    next_cursor: str | None = Field(description="Pass as ?after= for the next (older) page; null on the last page.")
+
+
+class ModelList(BaseModel):
+    data: list[Model]
+    next_cursor: str | None = Field(description="Pass as ?after= for the next (older) page; null on the last page.")
+
+
+class JobList(BaseModel):
+    data: list[Job]
+    next_cursor: str | None = Field(description="Pass as ?after= for the next (older) page; null on the last page.")
+
+
+class EventList(BaseModel):
+    data: list[Event]
+    next_cursor: int | None = Field(description="Id of the last event returned (pass as ?after= to continue or to poll); "
+                                                "null when none was returned.")
+
+
+class ArtifactList(BaseModel):
+    data: list[Artifact]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    database: str = Field(description="ok, or error: <kind>")
+    broker: str
+    storage: str

@@ -1,0 +1,58 @@
+"""No Docker engine runs here: check the compose file and Dockerfile as text."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from jobstore.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_ports_and_health_checks():
+    services = compose()["services"]
+    assert set(services) == {"api", "worker", "redis", "postgres"}
+    for name, service in services.items():
+        assert "test" in service["healthcheck"], name
+    assert "8000:8000" in services["api"]["ports"]
+    for name in ("api", "worker"):
+        for dependency in ("redis", "postgres"):
+            assert services[name]["depends_on"][dependency]["condition"] == "service_healthy"
+
+
+def test_images_and_gpu_reservation():
+    services = compose()["services"]
+    assert services["api"]["build"]["target"] == "api"
+    assert services["worker"]["build"]["target"] == "worker"
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    # api and worker share the blob volume (one host; S3-compatible storage for several).
+    assert any(v.startswith("blobs:") for v in services["api"]["volumes"])
+    assert any(v.startswith("blobs:") for v in services["worker"]["volumes"])
+
+
+def test_environment_names_real_settings_that_point_at_the_compose_services():
+    services = compose()["services"]
+    known = {f"MASKTUNE_{name.upper()}" for name in Settings.model_fields}
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        masktune = {k for k in env if k.startswith("MASKTUNE_")}
+        assert masktune <= known, masktune - known
+        settings = Settings(**{k[len("MASKTUNE_"):].lower(): v for k, v in env.items()})
+        assert "@postgres:5432/" in settings.database_url and settings.broker_url == "redis://redis:6379/0"
+        assert settings.visibility_timeout_s >= 3600
+    pg = services["postgres"]["environment"]
+    assert f"{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}" in services["api"]["environment"]["MASKTUNE_DATABASE_URL"]
+
+
+def test_api_image_has_no_torch():
+    stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    api = next(s for s in stages if s.split()[2:3] == ["api"])
+    worker = next(s for s in stages if s.split()[2:3] == ["worker"])
+    assert "masktune_core" not in api and "[ml" not in api and "torch" not in api.lower().replace("# ", "")
+    assert "[ml" in worker and "worker.celery_app" in worker
