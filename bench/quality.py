@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             dcfg = JobConfig.model_validate({**deviation, "erm": {"epochs": args.epochs, **deviation.get("erm", {})}, "seed": seed})
             results[label][seed] = run_one(data, root / f"run_{tag}_{label.replace('=', '-')}", dcfg,
                                            args.device, f"seed {seed} {label}", official=r["run"])
-    command = "python " + " ".join(["bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join(["bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
     text = render(results, args, command)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, write the bundled biased-digits sample dataset and run
-# MaskTune on it with the local CLI (the web service will start here once it lands).
+# Set up .venv if needed, write the sample dataset, then start the service (API + worker)
+# with the embedded defaults: SQLite, a local blob folder and a broker that needs no server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-data=runs/sample-data
-[ -f "$data/metadata.csv" ] || .venv/bin/python -m masktune_core.sample_data "$data"
-exec .venv/bin/python -m masktune_core run --data "$data" --arch small_cnn --out runs/demo --epochs "${EPOCHS:-30}" --config scripts/demo-config.json "$@"
+sample=runs/sample/biased-digits.zip
+[ -f "$sample" ] || .venv/bin/python -m masktune_core.sample_data runs/sample/biased-digits --zip >/dev/null
+echo "sample dataset: $sample"
+exec .venv/bin/python scripts/serve.py

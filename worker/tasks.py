@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from celery.exceptions import Ignore
 from sqlalchemy import select, update
@@ -41,56 +42,48 @@ def _by_id(session, table, public_id: str):
 # ---------------------------------------------------------------- uploads
 
 
-@app.task(name=TASK_VALIDATE_DATASET)
-def validate_dataset(dataset_id: str) -> None:
-    """Unpack, index and decode the upload with masktune_core's reader: ready | invalid."""
+def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict]) -> None:
+    """Download an upload and ``check`` it: ready (plus the fields check returns) or invalid with the reason."""
     settings = get_settings()
     with session_scope(settings.database_url) as session:
-        dataset = _by_id(session, Dataset, dataset_id)
-        if dataset is None or dataset.status != "validating":
-            return
-        blob_key, filename = dataset.blob_key, dataset.filename
-    status, error, summary = "ready", None, None
+        row = _by_id(session, table, upload_id)
+        if row is None or row.status != "validating":
+            return  # deleted meanwhile, or a duplicate delivery
+        fields = {column.key: getattr(row, column.key) for column in table.__table__.columns}
+    values: dict = {"status": "ready", "error": None}
     with tempfile.TemporaryDirectory(dir=_scratch(settings)) as tmp:
+        local = Path(tmp) / f"upload{Path(fields['filename']).suffix}"
         try:
-            archive = Path(tmp) / "upload"
-            _blobs(settings).get_file(blob_key, archive)
-            root = extract_archive(archive, Path(tmp) / "unpacked")
-            index = index_dataset(root)
-            summary = summarize(index, decode_dataset(index, VALIDATION_SIZE))
+            _blobs(settings).get_file(fields["blob_key"], local)
+            values.update(check(local, fields))
         except MaskTuneError as exc:
-            status, error = "invalid", str(exc)
-        except Exception as exc:  # a reader bug must not leave the dataset validating forever
-            log.exception("validating dataset %s (%s) failed", dataset_id, filename)
-            status, error = "invalid", f"the dataset could not be read: {type(exc).__name__}"
+            values = {"status": "invalid", "error": str(exc)}
+        except Exception as exc:  # a reader bug must not leave the upload validating forever
+            log.exception("validating %s (%s) failed", upload_id, fields["filename"])
+            values = {"status": "invalid", "error": f"the upload could not be read: {type(exc).__name__}"}
     with session_scope(settings.database_url) as session:
-        session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.status == "validating")
-                        .values(status=status, error=error, summary=summary, updated_at=utcnow()))
+        session.execute(update(table).where(table.id == upload_id, table.status == "validating")
+                        .values(updated_at=utcnow(), **values))
+
+
+@app.task(name=TASK_VALIDATE_DATASET)
+def validate_dataset(dataset_id: str) -> None:
+    """Unpack, index and decode the archive with masktune_core's reader."""
+    def check(archive: Path, _: dict) -> dict:
+        index = index_dataset(extract_archive(archive, archive.parent / "unpacked"))
+        return {"summary": summarize(index, decode_dataset(index, VALIDATION_SIZE))}
+
+    _validate_upload(Dataset, dataset_id, check)
 
 
 @app.task(name=TASK_VALIDATE_MODEL)
 def validate_model(model_id: str) -> None:
-    """Load the weights into the named architecture, never unpickling code: ready | invalid."""
-    settings = get_settings()
-    with session_scope(settings.database_url) as session:
-        model = _by_id(session, Model, model_id)
-        if model is None or model.status != "validating":
-            return
-        blob_key, filename, architecture, num_classes = model.blob_key, model.filename, model.architecture, model.num_classes
-    status, error = "ready", None
-    with tempfile.TemporaryDirectory(dir=_scratch(settings)) as tmp:
-        try:
-            local = Path(tmp) / f"weights{Path(filename).suffix}"
-            _blobs(settings).get_file(blob_key, local)
-            load_weights(create_model(architecture, num_classes), local)
-        except MaskTuneError as exc:
-            status, error = "invalid", str(exc)
-        except Exception as exc:
-            log.exception("validating model %s failed", model_id)
-            status, error = "invalid", f"the weights could not be read: {type(exc).__name__}"
-    with session_scope(settings.database_url) as session:
-        session.execute(update(Model).where(Model.id == model_id, Model.status == "validating")
-                        .values(status=status, error=error, updated_at=utcnow()))
+    """Load the weights into the named architecture, never unpickling code."""
+    def check(weights: Path, row: dict) -> dict:
+        load_weights(create_model(row["architecture"], row["num_classes"]), weights)
+        return {}
+
+    _validate_upload(Model, model_id, check)
 
 
 def _scratch(settings: Settings) -> Path:
