@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="Worker device (cpu, cuda, cuda:1); default: CUDA when present.")
     jobs_queue: str = Field("masktune.jobs", description="Queue of MaskTune runs (GPU workers).")
     validation_queue: str = Field("masktune.validation", description="Queue of upload validation (CPU is enough).")
+    max_active_jobs_per_tenant: int = Field(4, ge=1, description="Queued + running jobs a tenant may have; past it POST /v1/jobs answers 429 with Retry-After.")
+    tenant_storage_quota_bytes: int = Field(50 << 30, ge=1, description="Bytes of uploads and artifacts a tenant may keep; past it uploads are refused.")
+    upload_idle_timeout_s: float = Field(60.0, gt=0, description="An upload that sends nothing for this long is dropped (408), freeing its worker thread.")
+    heartbeat_timeout_s: float = Field(600.0, gt=0, description="A running job whose worker has not written for this long is requeued by the reconciler.")
+    reconcile_interval_s: float = Field(60.0, gt=0, description="How often the reconciler requeues lost jobs and expires old work areas.")
+    work_retention_s: float = Field(7 * 24 * 3600, gt=0, description="Work areas (checkpoints, stage outputs) of finished jobs are deleted after this long; artifacts stay.")
     api_host: str = Field("127.0.0.1", description="Address the embedded start binds.")
     api_port: int = Field(8000, description="Port the embedded start binds.")
 
