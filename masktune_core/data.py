@@ -277,7 +277,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], str]:
     """(uint8 HxWx3 at size x size, original (width, height), original mode)."""
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:  # PIL's own guard fires on the header, before ours
+        raise DatasetError(f"the image is over the limit of {MAX_IMAGE_PIXELS} pixels ({exc})") from exc
+    with img:
         width, height = img.size
         if width * height > MAX_IMAGE_PIXELS:
             raise DatasetError(f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
