@@ -33,7 +33,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="MaskTune Service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
 install(app)
 app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_upload_bytes,
-                   upload_paths=("/v1/datasets", "/v1/models"))
+                   upload_paths=("/v1/datasets", "/v1/models"), idle_timeout_s=get_settings().upload_idle_timeout_s)
 for module in (health, datasets, models, jobs):
     app.include_router(module.router)
 

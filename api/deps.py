@@ -2,21 +2,25 @@
 
 Every route that touches a tenant's objects goes through :func:`get_owned` or
 :func:`page_owned`: an id of another tenant answers exactly like an unknown id (404).
+The tenant's limits are counted here too: :func:`check_job_slots` (active jobs) and
+:func:`storage_used` (the storage quota), under :func:`lock_tenant`.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Annotated, Any, Iterator, TypeVar
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from jobstore.blobs import BlobStore
 from jobstore.db import session_scope
-from jobstore.models import Dataset, Job, Model
+from jobstore.jobs import STATUSES, TERMINAL
+from jobstore.models import Artifact, Dataset, Job, Model, Tenant
 from jobstore.settings import Settings, get_settings
 from jobstore.tenants import tenant_for_key
 
@@ -72,9 +76,19 @@ TenantDep = Annotated[str, Depends(current_tenant)]
 
 Owned = TypeVar("Owned", Dataset, Model, Job)
 
-# Rows a tenant no longer sees (a deleted dataset is kept as a tombstone while jobs reference it).
-_HIDDEN = {Dataset: (Dataset.status != "deleted",)}
+# Rows a tenant no longer sees (a deleted dataset or model is kept as a tombstone while jobs reference it).
+_HIDDEN = {Dataset: (Dataset.status != "deleted",), Model: (Model.status != "deleted",)}
 _NAMES = {Dataset: "dataset", Model: "model", Job: "job"}
+# Every public id is prefix_hex: anything else (a NUL byte, 10 kB of text) is unknown without asking
+# the database, which may refuse such a string outright (PostgreSQL rejects NUL in text).
+_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+ACTIVE = tuple(s for s in STATUSES if s not in TERMINAL)  # queued, running, cancelling
+RETRY_AFTER_S = 30
+
+
+def plausible_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
 
 
 def get_owned(session: Session, table: type[Owned], object_id: str, tenant: str, *, lock: str | None = None) -> Owned:
@@ -82,13 +96,20 @@ def get_owned(session: Session, table: type[Owned], object_id: str, tenant: str,
 
     lock="update" or "share" takes a row lock (PostgreSQL) until the transaction ends.
     """
-    query = select(table).where(table.id == object_id, table.tenant_id == tenant, *_HIDDEN.get(table, ()))
-    if lock:
-        query = query.with_for_update(read=lock == "share")
-    row = session.scalar(query)
+    row = None
+    if plausible_id(object_id):
+        query = select(table).where(table.id == object_id, table.tenant_id == tenant, *_HIDDEN.get(table, ()))
+        if lock:
+            query = query.with_for_update(read=lock == "share")
+        row = session.scalar(query)
     if row is None:
         raise ProblemError(404, "not_found", f"No {_NAMES[table]} with id {object_id!r}.")
     return row
+
+
+def find_owned(session: Session, table: type[Owned], tenant: str, *where: Any) -> Owned | None:
+    """The tenant's (visible) row matching ``where``, or None: lookups by other keys than the id."""
+    return session.scalar(select(table).where(table.tenant_id == tenant, *_HIDDEN.get(table, ()), *where))
 
 
 def page_owned(session: Session, table: type[Owned], tenant: str, *, limit: int, after: str | None,
@@ -97,7 +118,9 @@ def page_owned(session: Session, table: type[Owned], tenant: str, *, limit: int,
     query = select(table).where(table.tenant_id == tenant, *_HIDDEN.get(table, ()), *where)
     if after is not None:
         # The cursor row itself may have been deleted since (tombstones keep their seq).
-        seq = session.scalar(select(table.seq).where(table.id == after, table.tenant_id == tenant))
+        seq = None
+        if plausible_id(after):
+            seq = session.scalar(select(table.seq).where(table.id == after, table.tenant_id == tenant))
         if seq is None:
             raise ProblemError(422, "invalid_cursor", f"Unknown cursor {after!r}: pass a next_cursor from a previous page.")
         query = query.where(table.seq < seq)
@@ -105,3 +128,51 @@ def page_owned(session: Session, table: type[Owned], tenant: str, *, limit: int,
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (rows[-1].id if more and rows else None)
+
+
+# ---------------------------------------------------------------------------- tenant limits
+
+def lock_tenant(session: Session, tenant: str) -> None:
+    """Serialise the tenant's limit checks until the transaction ends.
+
+    PostgreSQL: the tenant row FOR UPDATE. SQLite ignores FOR UPDATE, so there a no-op UPDATE
+    takes the database's write lock (SQLite has one writer at a time) before the count.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Tenant).where(Tenant.id == tenant).values(name=Tenant.name))
+    else:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())
+
+
+def active_jobs(session: Session, tenant: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE)))
+
+
+def check_job_slots(session: Session, tenant: str, limit: int) -> None:
+    """429 too_many_active_jobs (with Retry-After) when the tenant already has ``limit`` active jobs.
+
+    Call under :func:`lock_tenant`, and insert the new job in the same transaction.
+    """
+    active = active_jobs(session, tenant)
+    if active >= limit:
+        raise ProblemError(429, "too_many_active_jobs",
+                           f"{active} of your jobs are queued or running, the most allowed at once is {limit}; "
+                           f"retry when one has finished (or cancel one).",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def storage_used(session: Session, tenant: str) -> int:
+    """Bytes the tenant keeps: its datasets and models (not deleted) and its jobs' artifacts."""
+    datasets = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+        Dataset.tenant_id == tenant, Dataset.status != "deleted")
+    models = select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant, Model.status != "deleted")
+    artifacts = select(func.coalesce(func.sum(Artifact.size_bytes), 0)).join(Job, Job.id == Artifact.job_id).where(
+        Job.tenant_id == tenant)
+    return sum(int(session.scalar(q) or 0) for q in (datasets, models, artifacts))
+
+
+def quota_exceeded(used: int, quota: int, adding: int | None = None) -> ProblemError:
+    what = f"{adding} more bytes" if adding is not None else "this upload"
+    return ProblemError(413, "storage_quota_exceeded",
+                        f"Storing {what} would exceed your storage quota: {used} of {quota} bytes are in use "
+                        f"(datasets, models and job artifacts). Delete some to make room.")

@@ -27,6 +27,7 @@ _DEFAULT_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -101,6 +102,11 @@ def _summary(errors: list[dict]) -> str:
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if type(exc) is StarletteHTTPException and exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI could not decode a JSON body it was told is JSON (not UTF-8, nested too deep):
+        # malformed JSON, answered like any other malformed JSON.
+        errors = [{"loc": ["body"], "msg": "The body is not valid JSON (UTF-8).", "type": "json_invalid"}]
+        return problem_response(422, "validation_error", _summary(errors), errors=errors)
     code = getattr(exc, "code", None) or _DEFAULT_CODES.get(exc.status_code, f"http_{exc.status_code}")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
     return problem_response(exc.status_code, code, detail, errors=getattr(exc, "errors", None),

@@ -1,8 +1,10 @@
-"""Uploads: a request-body cap for every route, and multipart parsing that streams the file
-straight into blob storage in chunks (never the whole file in memory or in a temp file).
+"""Uploads: a request-body cap and an idle timeout for every route, and multipart parsing that
+streams the file straight into blob storage in chunks (never the whole file in memory or in a
+temp file).
 
-The file part is written with ``BlobStore.write_stream(max_bytes=...)``; the other form
-fields are small and kept in memory under tight caps.
+The file part is written with ``BlobStore.write_stream(max_bytes=...)``, capped by both the
+upload limit and what is left of the tenant's storage quota; the other form fields are small
+and kept in memory under tight caps.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from jobstore.blobs import BlobStore, TooLarge
 from jobstore.settings import Settings
 
+from .deps import lock_tenant, quota_exceeded, storage_used
 from .errors import ProblemError, problem_response, validation_problem
 from .queue import send_task
 
@@ -47,18 +50,32 @@ def too_large(limit: int) -> ProblemError:
     return ProblemError(413, "payload_too_large", f"The upload exceeds the limit of {limit} bytes.")
 
 
+def upload_timeout(seconds: float) -> ProblemError:
+    return ProblemError(408, "upload_timeout", f"No part of the request body arrived for {seconds:g} s; "
+                                               "the request was dropped and nothing was kept.",
+                        headers={"Connection": "close"})
+
+
 class BodyLimitMiddleware:
-    """Pure ASGI: cap every request body, with or without Content-Length.
+    """Pure ASGI: cap every request body, with or without Content-Length, and drop stalled ones.
 
     Upload routes may send ``max_upload_bytes`` plus multipart overhead; every other route
     JSON_BODY_LIMIT. A declared Content-Length over the cap is refused before the body is
     read; a chunked body fails with 413 as soon as it passes the cap.
+
+    While the body is incomplete, a read that waits more than ``idle_timeout_s`` for the next
+    chunk fails with 408 ``upload_timeout``: the route (and the upload thread reading for it)
+    gets the error at once, cleans up, and the thread is free again. Reads after the body or
+    after the response has started (Starlette listening for a disconnect during a long
+    download) are not timed.
     """
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int, upload_paths: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, upload_paths: tuple[str, ...],
+                 idle_timeout_s: float | None = None):
         self.app = app
         self.max_upload_bytes = max_upload_bytes
         self.upload_paths = upload_paths
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,18 +90,35 @@ class BodyLimitMiddleware:
                                    f"The request body exceeds the limit of {reported} bytes.")(scope, receive, send)
             return
         received = 0
+        body_done = False
+        timeout = self.idle_timeout_s
+
+        async def watched_send(message: Message) -> None:
+            nonlocal body_done
+            if message["type"] == "http.response.start":
+                body_done = True  # answered: later reads only listen for a disconnect
+            await send(message)
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                with anyio.fail_after(timeout):  # None: no timeout
+                    message = await receive()
+            except TimeoutError:
+                # An HTTPException: the route's error handling turns it into a 408 problem.
+                raise upload_timeout(timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > cap:
-                    # An HTTPException: the route's error handling turns it into a 413 problem.
                     raise too_large(reported)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True  # http.disconnect
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, limited_receive, watched_send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -148,7 +182,9 @@ class _Events:
         self.headers = {}
 
     def _header_end(self) -> None:
-        self.headers[self.header_name.decode("latin-1").strip().lower()] = self.header_value.decode("utf-8", "replace").strip()
+        # latin-1 keeps the raw bytes (parse_options_header works on latin-1 text); the name and
+        # filename parameters are decoded as UTF-8 where they are used.
+        self.headers[self.header_name.decode("latin-1").strip().lower()] = self.header_value.decode("latin-1").strip()
         self.header_name.clear()
         self.header_value.clear()
 
@@ -174,17 +210,25 @@ def _malformed(why: str) -> ProblemError:
     return ProblemError(400, "malformed_multipart", f"The multipart body is malformed: {why}.")
 
 
-def read_form(body: Iterator[bytes], content_type: str, blobs: BlobStore, key: str, max_bytes: int,
-              on_file: Callable[[str, dict[str, str]], None] | None = None) -> Form:
-    """Parse a multipart/form-data body; the part named ``file`` is streamed to ``key``.
-
-    ``on_file(filename, fields_so_far)`` runs before the file's bytes are read, so a bad
-    name or bad earlier fields are refused without storing anything. Raises ProblemError.
-    """
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary of a multipart/form-data Content-Type, else 415 (JSON, urlencoded, none...)."""
     kind, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise ProblemError(415, "unsupported_media_type", "Send the upload as multipart/form-data with the file in the field 'file'.")
+    return boundary
+
+
+def read_form(body: Iterator[bytes], content_type: str, blobs: BlobStore, key: str, max_bytes: int,
+              on_file: Callable[[str, dict[str, str]], None] | None = None,
+              over_limit: Callable[[], ProblemError] | None = None) -> Form:
+    """Parse a multipart/form-data body; the part named ``file`` is streamed to ``key``.
+
+    ``on_file(filename, fields_so_far)`` runs before the file's bytes are read, so a bad
+    name or bad earlier fields are refused without storing anything. A file longer than
+    ``max_bytes`` raises ``over_limit()`` (default: 413 payload_too_large). Raises ProblemError.
+    """
+    boundary = multipart_boundary(content_type)
     events = iter(_Events(body, boundary))
     form = Form()
 
@@ -211,7 +255,7 @@ def read_form(body: Iterator[bytes], content_type: str, blobs: BlobStore, key: s
             try:
                 size, sha256 = blobs.write_stream(key, part_data(), max_bytes=max_bytes)
             except TooLarge:
-                raise too_large(max_bytes) from None
+                raise (over_limit() if over_limit is not None else too_large(max_bytes)) from None
             form.file = StoredFile(filename, size, sha256)
         else:
             if raw_filename is not None:
@@ -260,27 +304,45 @@ async def run_upload(request: Request, handle: Callable[[Iterator[bytes]], Any],
         raise
 
 
-async def accept_upload(request: Request, *, session: Session, settings: Settings, blobs: BlobStore, prefix: str, task: str,
-                        make_row: Callable[[Form], Any],
+async def accept_upload(request: Request, *, session: Session, settings: Settings, blobs: BlobStore, tenant: str,
+                        prefix: str, task: str, make_row: Callable[[Form], Any],
                         on_file: Callable[[str, dict[str, str]], None] | None = None) -> Any:
     """The whole upload flow shared by datasets and models.
 
-    Stream the file to ``{prefix}/upload``, build the row with ``make_row(form)``, commit it,
-    then queue ``task`` with the row's id (after the commit, so the worker always finds
-    the row). If anything fails before the task is queued, nothing is left behind.
+    Refuse a body that is not multipart (415) or that cannot fit the tenant's storage quota
+    (413 storage_quota_exceeded: at once when Content-Length shows it, else as soon as the
+    stream passes what is left), stream the file to ``{prefix}/upload``, build the row with
+    ``make_row(form)``, check the quota again under the tenant lock (concurrent uploads) and
+    commit the row, then queue ``task`` with the row's id (after the commit, so the worker
+    always finds the row). If anything fails before the task is queued, nothing is left behind.
     """
     # An oversized Content-Length never gets here: BodyLimitMiddleware refuses it before the body is read.
     done = False
+    quota = settings.tenant_storage_quota_bytes
+    content_type = request.headers.get("content-type", "")
+    declared = _content_length(request.scope)
 
     def handle(body: Iterator[bytes]) -> Any:
         nonlocal done
-        form = read_form(body, request.headers.get("content-type", ""), blobs, f"{prefix}/upload",
-                         settings.max_upload_bytes, on_file)
+        multipart_boundary(content_type)
+        used = storage_used(session, tenant)
+        session.commit()  # hold no connection or snapshot while the body streams in
+        left = quota - used
+        if left <= 0 or (declared is not None and declared - MULTIPART_OVERHEAD > left):
+            raise quota_exceeded(used, quota)
+        cap = min(settings.max_upload_bytes, left)
+        over = (lambda: quota_exceeded(used, quota)) if cap < settings.max_upload_bytes else None
+        form = read_form(body, content_type, blobs, f"{prefix}/upload", cap, on_file, over)
         if form.file is None:
             raise validation_problem([{"loc": ["body", "file"], "msg": "Field required", "type": "missing"}])
         if form.file.size_bytes == 0:
             raise ProblemError(422, "empty_file", "The uploaded file is empty.")
         row = make_row(form)
+        # Uploads of the same tenant running at once each saw the same room left: count again, serialised.
+        lock_tenant(session, tenant)
+        used = storage_used(session, tenant)
+        if used + form.file.size_bytes > quota:
+            raise quota_exceeded(used, quota, form.file.size_bytes)
         session.add(row)
         session.commit()
         try:
@@ -294,6 +356,7 @@ async def accept_upload(request: Request, *, session: Session, settings: Setting
         return row
 
     def cleanup() -> None:
+        session.rollback()  # releases the tenant lock if the check under it failed
         if not done:
             blobs.delete_prefix(prefix)
 

@@ -33,7 +33,8 @@ PROBLEM = "application/problem+json"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("api"))
+    # Tests here create many jobs per tenant; the active-job limit has its own stack (limits_stack).
+    s = Stack(tmp_path_factory.mktemp("api"), MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT="1000")
     try:
         s.start_api()
         yield s
@@ -584,3 +585,311 @@ def test_broker_down_means_503_and_nothing_kept(tmp_path_factory):
             assert client.get("/v1/jobs").json()["data"] == []
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------- content types
+
+def test_wrong_content_types_get_415(a, dataset_a):
+    # Uploads take multipart/form-data only.
+    for path in ("/v1/datasets", "/v1/models"):
+        assert_problem(a.post(path, json={"file": "x", "architecture": "small_cnn", "num_classes": 2}), 415,
+                       "unsupported_media_type")
+        assert_problem(a.post(path, data={"file": "x", "architecture": "small_cnn", "num_classes": "2"}), 415,
+                       "unsupported_media_type")
+        assert_problem(a.post(path, content=b"PK\x03\x04", headers={"Content-Type": "application/zip"}), 415,
+                       "unsupported_media_type")
+    # Jobs take JSON only (application/json or application/*+json).
+    body = json.dumps({"dataset_id": dataset_a}).encode()
+    assert_problem(a.post("/v1/jobs", files={"file": ("job.json", body, "application/json")}), 415,
+                   "unsupported_media_type")
+    assert_problem(a.post("/v1/jobs", content=body, headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type")
+    assert_problem(a.post("/v1/jobs", data={"dataset_id": dataset_a}), 415, "unsupported_media_type")
+    assert_problem(a.post("/v1/jobs", content=body), 415, "unsupported_media_type")  # a body without a Content-Type
+    assert_problem(a.post("/v1/jobs"), 422, "validation_error")  # no body at all: the body is missing
+    r = a.post("/v1/jobs", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 201, r.text
+    a.post(f"/v1/jobs/{r.json()['id']}/cancel")
+
+
+# ---------------------------------------------------------------------------- DELETE models and jobs
+
+def blob_dir(stack: Stack, *parts: str) -> Path:
+    return Path(stack.env["MASKTUNE_DATA_DIR"]).joinpath("blobs", *parts)
+
+
+def test_model_delete(stack, a, b, dataset_a):
+    model = upload_model(a).json()["id"]
+    assert blob_dir(stack, "models", model, "upload").is_file()
+    assert_problem(b.delete(f"/v1/models/{model}"), 404, "not_found")
+    assert a.delete(f"/v1/models/{model}").status_code == 204
+    assert not blob_dir(stack, "models", model).exists()
+    assert_problem(a.get(f"/v1/models/{model}"), 404, "not_found")
+    assert_problem(a.delete(f"/v1/models/{model}"), 404, "not_found")
+    assert sql(stack, "SELECT count(*) FROM models WHERE id=%s", model) == [(0,)]  # no job used it: gone
+
+    # In use by a queued job: refused. Once the job is over: deleted, the job keeps its history.
+    used = upload_model(a).json()["id"]
+    sql(stack, "UPDATE models SET status='ready' WHERE id=%s", used)
+    job = a.post("/v1/jobs", json={"dataset_id": dataset_a, "model": {"weights_id": used}}).json()["id"]
+    assert_problem(a.delete(f"/v1/models/{used}"), 409, "model_in_use")
+    assert blob_dir(stack, "models", used, "upload").is_file()
+    a.post(f"/v1/jobs/{job}/cancel")
+    assert a.delete(f"/v1/models/{used}").status_code == 204
+    assert not blob_dir(stack, "models", used).exists()
+    assert_problem(a.get(f"/v1/models/{used}"), 404, "not_found")
+    assert used not in [m["id"] for m in a.get("/v1/models", params={"limit": 100}).json()["data"]]
+    assert a.get(f"/v1/jobs/{job}").json()["model_id"] == used
+    assert_problem(a.post("/v1/jobs", json={"dataset_id": dataset_a, "model": {"weights_id": used}}), 404, "not_found")
+    # Deleting the last job that referenced it drops the hidden record too.
+    assert sql(stack, "SELECT status FROM models WHERE id=%s", used) == [("deleted",)]
+    assert a.delete(f"/v1/jobs/{job}").status_code == 204
+    assert sql(stack, "SELECT count(*) FROM models WHERE id=%s", used) == [(0,)]
+
+
+def test_job_delete_removes_rows_and_blobs(stack, a, b):
+    dataset = ready_dataset(stack, a)
+    job = a.post("/v1/jobs", json={"dataset_id": dataset}).json()["id"]
+    # What a worker leaves: a work area, an artifact (blob and row), events.
+    for key in (f"jobs/{job}/work/erm/epoch_1.pt", f"jobs/{job}/artifacts/metrics.json"):
+        path = blob_dir(stack, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"{}")
+    sql(stack, "INSERT INTO artifacts (job_id, name, blob_key, size_bytes, sha256, content_type, created_at) "
+               "VALUES (%s, 'metrics.json', %s, 2, 'x', 'application/json', now())", job, f"jobs/{job}/artifacts/metrics.json")
+    sql(stack, "INSERT INTO job_events (job_id, kind, message, created_at) VALUES (%s, 'info', 'hello', now())", job)
+
+    for status in ("queued", "running", "cancelling"):
+        sql(stack, "UPDATE jobs SET status=%s WHERE id=%s", status, job)
+        assert_problem(a.delete(f"/v1/jobs/{job}"), 409, "job_active")
+    assert_problem(b.delete(f"/v1/jobs/{job}"), 404, "not_found")
+    sql(stack, "UPDATE jobs SET status='failed', finished_at=now() WHERE id=%s", job)
+    assert_problem(b.delete(f"/v1/jobs/{job}"), 404, "not_found")
+    assert blob_dir(stack, "jobs", job).exists()
+
+    # The dataset goes first (kept hidden while the job references it), then the job.
+    assert a.delete(f"/v1/datasets/{dataset}").status_code == 204
+    assert a.delete(f"/v1/jobs/{job}").status_code == 204
+    assert not blob_dir(stack, "jobs", job).exists()
+    for table in ("jobs WHERE id", "job_events WHERE job_id", "artifacts WHERE job_id"):
+        assert sql(stack, f"SELECT count(*) FROM {table}=%s", job) == [(0,)], table
+    assert sql(stack, "SELECT count(*) FROM datasets WHERE id=%s", dataset) == [(0,)]
+    assert_problem(a.get(f"/v1/jobs/{job}"), 404, "not_found")
+    assert_problem(a.delete(f"/v1/jobs/{job}"), 404, "not_found")
+    assert job not in [j["id"] for j in a.get("/v1/jobs", params={"limit": 100}).json()["data"]]
+
+
+# ---------------------------------------------------------------------------- per-tenant limits
+
+QUOTA = 20_000
+
+
+@pytest.fixture(scope="module")
+def limits_stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("api-limits"), MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT="2",
+              MASKTUNE_TENANT_STORAGE_QUOTA_BYTES=str(QUOTA))
+    try:
+        s.start_api()
+        yield s
+    finally:
+        s.close()
+
+
+def test_active_job_limit(limits_stack):
+    s = limits_stack
+    with s.client(s.create_key("busy")) as busy, s.client(s.create_key("idle")) as idle:
+        dataset = ready_dataset(s, busy)
+        first = busy.post("/v1/jobs", json={"dataset_id": dataset}, headers={"Idempotency-Key": "one"})
+        second = busy.post("/v1/jobs", json={"dataset_id": dataset, "seed": 1})
+        assert (first.status_code, second.status_code) == (201, 201)
+        r = busy.post("/v1/jobs", json={"dataset_id": dataset, "seed": 2})
+        body = assert_problem(r, 429, "too_many_active_jobs")
+        assert r.headers["retry-after"] == "30" and "2" in body["detail"]
+        # Replaying an existing job is not a new job: never refused.
+        again = busy.post("/v1/jobs", json={"dataset_id": dataset}, headers={"Idempotency-Key": "one"})
+        assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+        # Running and cancelling jobs count; finished ones do not.
+        sql(s, "UPDATE jobs SET status='running' WHERE id=%s", first.json()["id"])
+        sql(s, "UPDATE jobs SET status='cancelling' WHERE id=%s", second.json()["id"])
+        assert_problem(busy.post("/v1/jobs", json={"dataset_id": dataset, "seed": 2}), 429, "too_many_active_jobs")
+        # Another tenant has its own slots.
+        assert idle.post("/v1/jobs", json={"dataset_id": ready_dataset(s, idle)}).status_code == 201
+        sql(s, "UPDATE jobs SET status='succeeded' WHERE id=%s", first.json()["id"])
+        sql(s, "UPDATE jobs SET status='cancelled' WHERE id=%s", second.json()["id"])
+
+        # Many at once: exactly the limit gets through (the count and the insert are serialised).
+        key = busy.headers["authorization"]
+        barrier = threading.Barrier(8)
+        codes: list[int] = []
+
+        def post(seed: int) -> None:
+            with httpx.Client(base_url=s.base_url, headers={"Authorization": key}, timeout=30) as client:
+                barrier.wait()
+                codes.append(client.post("/v1/jobs", json={"dataset_id": dataset, "seed": 10 + seed}).status_code)
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [201, 201] + [429] * 6, codes
+        assert len(busy.get("/v1/jobs", params={"status": "queued"}).json()["data"]) == 2
+
+
+def _stored_files(stack: Stack) -> list[Path]:
+    return sorted(p for p in blob_dir(stack).rglob("*") if p.is_file())
+
+
+def test_storage_quota(limits_stack):
+    s = limits_stack
+    key = s.create_key("hoarder")
+    with s.client(key) as client, s.client(s.create_key("neighbour")) as neighbour:
+        first = upload_dataset(client, data=b"d" * 8000)
+        assert first.status_code == 201, first.text
+        assert upload_model(client).status_code == 201  # 16 bytes
+        used = 8000 + 16
+        stored = _stored_files(s)
+
+        # Content-Length already shows it: refused before the body is read (headers only here).
+        head = (f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: 60000\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(head)
+            answer = b""
+            while b"storage_quota_exceeded" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413") and b"storage_quota_exceeded" in answer
+        body = assert_problem(upload_dataset(client, data=b"x" * 40_000), 413, "storage_quota_exceeded")
+        assert str(QUOTA) in body["detail"] and str(used) in body["detail"]
+        # Streamed without a Content-Length: cut off once it passes what is left.
+        r = client.post("/v1/datasets", content=_multipart_chunks(QUOTA - used + 1),
+                        headers={"Content-Type": "multipart/form-data; boundary=b0undary"})
+        assert_problem(r, 413, "storage_quota_exceeded")
+        # Under the Content-Length slack but over the quota: cut off while streaming too.
+        assert_problem(upload_dataset(client, data=b"x" * (QUOTA - used + 1)), 413, "storage_quota_exceeded")
+        assert _stored_files(s) == stored, "refused uploads leave nothing behind"
+        assert len(client.get("/v1/datasets").json()["data"]) == 1
+
+        # Artifacts of the tenant's jobs count too.
+        sql(s, "UPDATE datasets SET status='ready' WHERE id=%s", first.json()["id"])
+        job = client.post("/v1/jobs", json={"dataset_id": first.json()["id"]}).json()["id"]
+        sql(s, "INSERT INTO artifacts (job_id, name, blob_key, size_bytes, sha256, content_type, created_at) "
+               "VALUES (%s, 'model.safetensors', 'k', 10000, 'x', 'application/octet-stream', now())", job)
+        left = QUOTA - used - 10_000
+        assert_problem(upload_dataset(client, data=b"x" * (left + 1)), 413, "storage_quota_exceeded")
+        assert upload_dataset(client, data=b"x" * left).status_code == 201  # exactly full is fine
+        assert_problem(upload_dataset(client, data=b"x"), 413, "storage_quota_exceeded")
+        # Another tenant has its own quota.
+        assert upload_dataset(neighbour, data=b"n" * 10_000).status_code == 201
+
+        # Deleting makes room again.
+        client.post(f"/v1/jobs/{job}/cancel")
+        assert client.delete(f"/v1/jobs/{job}").status_code == 204
+        assert client.delete(f"/v1/datasets/{first.json()['id']}").status_code == 204
+
+        # Concurrent uploads that each fit but not together: the check under the tenant lock lets one in.
+        free = QUOTA - 16 - left
+        size = free // 2 + 1
+        barrier = threading.Barrier(4)
+        codes: list[int] = []
+
+        def upload() -> None:
+            with s.client(key) as c:
+                barrier.wait()
+                codes.append(upload_dataset(c, data=b"c" * size).status_code)
+
+        threads = [threading.Thread(target=upload) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [201, 413, 413, 413], codes
+        datasets = [d for d in client.get("/v1/datasets").json()["data"]]
+        assert sorted(d["size_bytes"] for d in datasets) == sorted([left, size])
+        # The refused ones left no bytes: every stored upload belongs to a dataset someone can see.
+        uploads = [p for p in blob_dir(s, "datasets").rglob("*") if p.is_file()]
+        assert sorted(p.parent.name for p in uploads) == sorted(
+            row[0] for row in sql(s, "SELECT id FROM datasets WHERE status <> 'deleted'"))
+
+
+# ---------------------------------------------------------------------------- slow uploads
+
+@pytest.fixture(scope="module")
+def slow_stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("api-slow"), MASKTUNE_UPLOAD_IDLE_TIMEOUT_S="1")
+    try:
+        s.start_api()
+        yield s
+    finally:
+        s.close()
+
+
+def _stall(port: int, key: str, path: str = "/v1/datasets") -> socket.socket:
+    """Headers and the start of a body that promises 100 kB, then nothing."""
+    if path == "/v1/jobs":
+        content_type, start = "application/json", b'{"dataset_id": "ds_'
+    else:
+        content_type = "multipart/form-data; boundary=b0undary"
+        filename = "slow.safetensors" if path == "/v1/models" else "slow.zip"
+        start = (f'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n\r\n'.encode()
+                 + b"s" * 3000)
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(head + start)
+    return sock
+
+
+def _answer(sock: socket.socket) -> str:
+    answer = b""
+    with sock:
+        while b"}" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    return answer.decode(errors="replace")
+
+
+def test_stalled_uploads_time_out_and_free_their_threads(slow_stack):
+    import time
+
+    s = slow_stack
+    key = s.create_key("slowpoke")
+    # More stalled uploads than upload threads (16): each is dropped after 1 s idle, freeing its thread
+    # for the next, and every one of them is answered.
+    started = time.monotonic()
+    socks = [_stall(s.port, key) for _ in range(18)] + [_stall(s.port, key, "/v1/models"), _stall(s.port, key, "/v1/jobs")]
+    with s.client(key) as client:
+        # Meanwhile the server answers everyone else, uploads included.
+        assert client.get("/v1/datasets").status_code == 200
+        r = upload_dataset(client)
+        assert r.status_code == 201, r.text
+        answers = [_answer(sock) for sock in socks]
+        for answer in answers:
+            assert answer.startswith("HTTP/1.1 408") and PROBLEM in answer and '"code":"upload_timeout"' in answer, answer
+        assert time.monotonic() - started < 15
+        # Nothing of the stalled uploads is kept, and the server still serves uploads.
+        files = [p for p in blob_dir(s).rglob("*") if p.is_file()]
+        assert [p.parent.name for p in files] == [r.json()["id"]]
+        assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [r.json()["id"]]
+        assert upload_model(client).status_code == 201
+
+
+# ---------------------------------------------------------------------------- what fuzzing found
+
+def test_fuzzing_regressions(stack, a):
+    # Part headers in UTF-8 (non-latin-1 field and file names) were a 500 (UnicodeEncodeError).
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="名前"\r\n\r\nx\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="データ𝔁.zip"\r\n\r\n'
+            f'PK\r\n--{boundary}--\r\n').encode()
+    r = a.post("/v1/datasets", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 201, r.text
+    assert r.json()["filename"] == "データ𝔁.zip"
+    # A JSON body that is not UTF-8 was a 400 the schema did not document: it is malformed JSON (422).
+    r = a.post("/v1/jobs", content=b"\x11\xff\xfe", headers={"Content-Type": "application/json"})
+    assert assert_problem(r, 422, "validation_error")["errors"][0]["type"] == "json_invalid"
+    # Ids the database cannot even compare (NUL bytes, kilobytes) are unknown ids, not 500s.
+    for bad in ("ds_%00", "x" * 5000):
+        assert_problem(a.get(f"/v1/datasets/{bad}"), 404, "not_found")
+        assert_problem(a.get("/v1/datasets", params={"after": bad.replace("%00", "\x00")}), 422, "invalid_cursor")
+    assert_problem(a.post("/v1/jobs", json={"dataset_id": "ds_\x00"}), 404, "not_found")
+    assert_problem(a.get("/v1/jobs/job_x/artifacts/%00"), 404, "not_found")
+    assert_problem(a.get("/v1/jobs/job_x/events", params={"after": 2**64}), 422, "validation_error")

@@ -9,17 +9,14 @@ from sqlalchemy import select
 
 from jobstore import models as tables
 from jobstore.ids import new_id
-from jobstore.jobs import STATUSES, TERMINAL
 from jobstore.settings import TASK_VALIDATE_DATASET
 
 from .. import schemas
-from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
+from ..deps import ACTIVE, BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems
 from ..uploads import Form, accept_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-
-ACTIVE = tuple(s for s in STATUSES if s not in TERMINAL)
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
@@ -30,19 +27,22 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 @router.post("", status_code=201, response_model=schemas.Dataset, summary="Upload a dataset archive",
-             responses=problems(400, 401, 413, 415, 422, 503), openapi_extra=UPLOAD_BODY)
+             responses=problems(400, 401, 408, 413, 415, 422, 503), openapi_extra=UPLOAD_BODY)
 async def create_dataset(request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
                          blobs: BlobsDep) -> schemas.Dataset:
     """Streams the archive to storage and queues its validation; the dataset is `validating` until a
-    worker marks it `ready` (with a summary) or `invalid` (with an error)."""
+    worker marks it `ready` (with a summary) or `invalid` (with an error).
+
+    413 `payload_too_large` past the upload limit, 413 `storage_quota_exceeded` past the tenant's
+    storage quota, 408 `upload_timeout` when the body stalls, 415 unless multipart/form-data."""
     ds_id = new_id("ds")
 
     def make_row(form: Form) -> tables.Dataset:
         return tables.Dataset(id=ds_id, tenant_id=tenant, filename=form.file.filename, size_bytes=form.file.size_bytes,
                               sha256=form.file.sha256, blob_key=f"datasets/{ds_id}/upload", status="validating")
 
-    row = await accept_upload(request, session=session, settings=settings, blobs=blobs, prefix=f"datasets/{ds_id}",
-                              task=TASK_VALIDATE_DATASET, make_row=make_row)
+    row = await accept_upload(request, session=session, settings=settings, blobs=blobs, tenant=tenant,
+                              prefix=f"datasets/{ds_id}", task=TASK_VALIDATE_DATASET, make_row=make_row)
     return schemas.Dataset.of(row)
 
 

@@ -8,21 +8,22 @@ import logging
 import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from jobspec import ARCHITECTURES
 from jobstore import models as tables
 from jobstore.ids import new_id
-from jobstore.jobs import STATUSES, add_event, update_job
+from jobstore.jobs import STATUSES, TERMINAL, add_event, update_job
 from jobstore.models import utcnow
 from jobstore.settings import TASK_RUN_JOB
 
 from .. import schemas
-from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
+from ..deps import (RETRY_AFTER_S, BlobsDep, SessionDep, SettingsDep, TenantDep, check_job_slots, find_owned,
+                    get_owned, lock_tenant, page_owned)
 from ..errors import ProblemError, problems, validation_problem
 from ..queue import send_task
 
@@ -46,7 +47,7 @@ def _replay(job: tables.Job, request_hash: str) -> schemas.Job:
 
 
 def _by_key(session: Session, tenant: str, key: str) -> tables.Job | None:
-    return session.scalar(select(tables.Job).where(tables.Job.tenant_id == tenant, tables.Job.idempotency_key == key))
+    return find_owned(session, tables.Job, tenant, tables.Job.idempotency_key == key)
 
 
 def _usable(kind: str, status: str, object_id: str, error: str | None) -> None:
@@ -69,7 +70,7 @@ def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> Non
     _usable("dataset", dataset.status, dataset.id, dataset.error)
     if body.model.weights_id is None:
         return
-    model = get_owned(session, tables.Model, body.model.weights_id, tenant)
+    model = get_owned(session, tables.Model, body.model.weights_id, tenant, lock="share")  # as for the dataset
     _usable("model", model.status, model.id, model.error)
     if model.architecture != body.model.architecture:
         raise ProblemError(422, "architecture_mismatch", f"Model {model.id} is a {model.architecture}, "
@@ -80,20 +81,53 @@ def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> Non
                                                         f"dataset {dataset.id} has {len(classes)}.")
 
 
+async def json_body(request: Request) -> None:
+    """415 unless the body is JSON: a Content-Type of application/json (or application/*+json).
+
+    Without a Content-Type an empty body falls through to the 422 of a missing body.
+    """
+    content_type = request.headers.get("content-type")
+    if content_type is None and not await request.body():
+        return
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+        return
+    raise ProblemError(415, "unsupported_media_type",
+                       f"Send the job as application/json, not {kind or 'a body without a Content-Type'}.")
+
+
+TOO_MANY = {429: {"description": "Too Many Requests: the tenant's active-job limit is reached.",
+                  "headers": {"Retry-After": {"description": "Seconds to wait before trying again.",
+                                              "schema": {"type": "integer", "example": RETRY_AFTER_S}}}}}
+
+
 @router.post("", status_code=201, response_model=schemas.Job, summary="Create a MaskTune job",
-             responses=problems(401, 404, 409, 422, 503))
+             responses={**problems(401, 404, 408, 409, 413, 415, 422, 503), **TOO_MANY})
 def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+               _json: Annotated[None, Depends(json_body)],
                idempotency_key: Annotated[str | None, Header(
                    max_length=200, description="Retry safely: the same key and body return the same job.")] = None,
                ) -> schemas.Job:
     """Queues the run at once (`status: queued`). Every config field has a default; the job stores
-    the full resolved config."""
+    the full resolved config.
+
+    A tenant may have `MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT` jobs queued, running or cancelling at
+    once; past that: 429 `too_many_active_jobs` with `Retry-After`. Replaying an existing job
+    with its Idempotency-Key is never refused."""
     request_hash = _request_hash(body)
     if idempotency_key is not None:
         existing = _by_key(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, request_hash)
     _check_inputs(session, tenant, body)
+    # Count and insert under the tenant lock, so concurrent requests cannot all take the last slot.
+    lock_tenant(session, tenant)
+    if idempotency_key is not None:
+        # A concurrent request with this key may have committed its job while we waited for the lock.
+        existing = _by_key(session, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash)
+    check_job_slots(session, tenant, settings.max_active_jobs_per_tenant)
     job = tables.Job(id=new_id("job"), tenant_id=tenant, dataset_id=body.dataset_id, model_id=body.model.weights_id,
                      config=body.config(), status="queued", idempotency_key=idempotency_key, request_hash=request_hash)
     session.add(job)
@@ -131,6 +165,30 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.Job:
     return schemas.Job.of(get_owned(session, tables.Job, job_id, tenant))
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response, summary="Delete a finished job",
+               responses=problems(401, 404, 409))
+def delete_job(job_id: str, session: SessionDep, tenant: TenantDep, blobs: BlobsDep) -> Response:
+    """Removes the job, its events and artifacts, and everything it stored (artifacts and work
+    area under `jobs/{id}/`). Refused (409 `job_active`) unless the job is succeeded, failed or
+    cancelled: cancel it first and wait for `cancelled`. Its Idempotency-Key is free again."""
+    job = get_owned(session, tables.Job, job_id, tenant, lock="update")  # a worker's transition waits meanwhile
+    if job.status not in TERMINAL:
+        raise ProblemError(409, "job_active", f"Job {job.id} is {job.status}; cancel it and wait until it is "
+                                              "cancelled before deleting it.")
+    session.execute(delete(tables.Artifact).where(tables.Artifact.job_id == job.id))
+    session.execute(delete(tables.JobEvent).where(tables.JobEvent.job_id == job.id))
+    session.execute(delete(tables.Job).where(tables.Job.id == job.id))
+    # A dataset or model deleted while this job referenced it was kept as a tombstone: drop it if this was the last.
+    for table, object_id, column in ((tables.Dataset, job.dataset_id, tables.Job.dataset_id),
+                                     (tables.Model, job.model_id, tables.Job.model_id)):
+        if object_id is not None and session.scalar(select(tables.Job.id).where(column == object_id).limit(1)) is None:
+            session.execute(delete(table).where(table.id == object_id, table.status == "deleted"))
+    session.commit()
+    # After the commit: at worst a failed delete leaves unreachable bytes, never a job without its files.
+    blobs.delete_prefix(f"jobs/{job.id}")
+    return Response(status_code=204)
+
+
 @router.post("/{job_id}/cancel", response_model=schemas.Job, summary="Cancel a job", responses=problems(401, 404))
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.Job:
     """A queued job is cancelled at once; a running one becomes `cancelling` and the worker stops at
@@ -151,7 +209,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.J
 @router.get("/{job_id}/events", response_model=schemas.EventList, summary="A job's events, oldest first",
             responses=problems(401, 404, 422))
 def list_events(job_id: str, session: SessionDep, tenant: TenantDep,
-                after: Annotated[int | None, Query(ge=0, description="Only events after this id (a next_cursor).")] = None,
+                after: Annotated[int | None, Query(ge=0, le=2**63 - 1,
+                                                   description="Only events after this id (a next_cursor).")] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> schemas.EventList:
     job = get_owned(session, tables.Job, job_id, tenant)
     query = select(tables.JobEvent).where(tables.JobEvent.job_id == job.id)
@@ -170,15 +229,18 @@ def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> schem
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # what the worker names them; anything else is unknown
 _CHUNK = 1 << 20
 
 
 @router.get("/{job_id}/artifacts/{name}", response_class=StreamingResponse, summary="Download an artifact",
-            responses={200: {"description": "The artifact's bytes.", "content": {"application/octet-stream": {}}},
+            responses={200: {"description": "The artifact's bytes, with its own content type (application/json, "
+                                            "image/png, application/octet-stream).",
+                             "content": {"application/octet-stream": {}, "application/json": {}, "image/png": {}}},
                        **problems(401, 404)})
 def download_artifact(job_id: str, name: str, session: SessionDep, tenant: TenantDep, blobs: BlobsDep) -> StreamingResponse:
     job = get_owned(session, tables.Job, job_id, tenant)
-    artifact = session.get(tables.Artifact, (job.id, name))
+    artifact = session.get(tables.Artifact, (job.id, name)) if _ARTIFACT_NAME.fullmatch(name) else None
     if artifact is None:
         raise ProblemError(404, "not_found", f"Job {job.id} has no artifact named {name!r}.")
     try:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
+from sqlalchemy import select
 
 from jobspec import ARCHITECTURES
 from jobstore import models as tables
@@ -17,7 +18,7 @@ from jobstore.ids import new_id
 from jobstore.settings import TASK_VALIDATE_MODEL
 
 from .. import schemas
-from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
+from ..deps import ACTIVE, BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems, validation_problem
 from ..uploads import Form, accept_upload
 
@@ -52,10 +53,13 @@ def _check_before_storing(filename: str, fields: dict[str, str]) -> None:
 
 
 @router.post("", status_code=201, response_model=schemas.Model, summary="Upload model weights",
-             responses=problems(400, 401, 413, 415, 422, 503), openapi_extra=UPLOAD_BODY)
+             responses=problems(400, 401, 408, 413, 415, 422, 503), openapi_extra=UPLOAD_BODY)
 async def create_model(request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
                        blobs: BlobsDep) -> schemas.Model:
-    """Streams the weights to storage and queues their validation (`validating` → `ready` | `invalid`)."""
+    """Streams the weights to storage and queues their validation (`validating` → `ready` | `invalid`).
+
+    Limits and errors as for dataset uploads (413, 408, 415), and 415 for a file name that is not
+    .safetensors, .pt or .pth."""
     mdl_id = new_id("mdl")
 
     def make_row(form: Form) -> tables.Model:
@@ -64,8 +68,9 @@ async def create_model(request: Request, session: SessionDep, tenant: TenantDep,
                             num_classes=fields.num_classes, size_bytes=form.file.size_bytes, sha256=form.file.sha256,
                             blob_key=f"models/{mdl_id}/upload", status="validating")
 
-    row = await accept_upload(request, session=session, settings=settings, blobs=blobs, prefix=f"models/{mdl_id}",
-                              task=TASK_VALIDATE_MODEL, make_row=make_row, on_file=_check_before_storing)
+    row = await accept_upload(request, session=session, settings=settings, blobs=blobs, tenant=tenant,
+                              prefix=f"models/{mdl_id}", task=TASK_VALIDATE_MODEL, make_row=make_row,
+                              on_file=_check_before_storing)
     return schemas.Model.of(row)
 
 
@@ -80,3 +85,24 @@ def list_models(session: SessionDep, tenant: TenantDep,
 @router.get("/{model_id}", response_model=schemas.Model, summary="Get a model", responses=problems(401, 404))
 def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> schemas.Model:
     return schemas.Model.of(get_owned(session, tables.Model, model_id, tenant))
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, summary="Delete a model",
+               responses=problems(401, 404, 409))
+def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, blobs: BlobsDep) -> Response:
+    """Removes the weights from storage. Refused (409 `model_in_use`) while a queued or running job
+    starts from them. A model that finished jobs reference stays as a hidden record (status
+    `deleted`, no data) so those jobs keep their history; it answers 404 like any unknown id."""
+    # The row lock makes this wait for a job being created from the model right now (it takes a share lock).
+    row = get_owned(session, tables.Model, model_id, tenant, lock="update")
+    jobs = select(tables.Job.id).where(tables.Job.model_id == row.id)
+    active = session.scalar(jobs.where(tables.Job.status.in_(ACTIVE)).limit(1))
+    if active is not None:
+        raise ProblemError(409, "model_in_use", f"Job {active} still uses this model; cancel it or let it finish first.")
+    if session.scalar(jobs.limit(1)) is not None:
+        row.status = "deleted"
+    else:
+        session.delete(row)
+    session.commit()
+    blobs.delete_prefix(f"models/{row.id}")
+    return Response(status_code=204)
