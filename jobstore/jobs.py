@@ -1,30 +1,92 @@
-"""Job lifecycle rules shared by the API and the worker.
+"""Job lifecycle rules shared by the API, the worker and the reconciler.
 
 queued -> running -> succeeded | failed | cancelled, with a transient cancelling.
 Terminal states never change: every transition is a conditional UPDATE that
 cannot overwrite one, so a late worker write cannot resurrect a cancelled job.
+
+A worker runs a job only after *claiming* its row: one conditional UPDATE moves it
+from queued (or from running with a stale heartbeat: its worker vanished) to
+running, counts the attempt and stores a fresh claim token. Every later write of
+that attempt names the token, so a duplicate delivery never runs a job twice at
+once and a worker presumed dead that comes back cannot overwrite its successor.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
-from sqlalchemy import update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Job, JobEvent, utcnow
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+ClaimResult = Literal["claimed", "exhausted", "busy"]
 
 
-def update_job(session: Session, job_id: str, **fields: Any) -> bool:
-    """Set fields on a job that is not terminal yet; False if it already was."""
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL)).values(updated_at=utcnow(), **fields)
-    )
+def update_job(session: Session, job_id: str, token: str | None = None, **fields: Any) -> bool:
+    """Set fields on a job that is not terminal yet (and, given a token, still claimed by it); False otherwise."""
+    where = [Job.id == job_id, Job.status.not_in(TERMINAL)]
+    if token is not None:
+        where.append(Job.claim_token == token)
+    result = session.execute(update(Job).where(*where).values(updated_at=utcnow(), **fields))
     return result.rowcount == 1
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str = "", stage: str | None = None, data: dict | None = None) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, stage=stage, message=message, data=data))
+
+
+def heartbeat_stale(heartbeat_timeout_s: float):
+    """A job whose worker has not written a heartbeat for heartbeat_timeout_s."""
+    return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < utcnow() - timedelta(seconds=heartbeat_timeout_s))
+
+
+def _give_up(session: Session, job_id: str, where: list, max_attempts: int) -> bool:
+    """Fail the job (if ``where`` still holds) because every allowed attempt was used up."""
+    message = (f"The job was started {max_attempts} times and its worker vanished each time (e.g. killed for "
+               f"running out of memory); giving up after MASKTUNE_MAX_ATTEMPTS={max_attempts}.")
+    result = session.execute(update(Job).where(Job.id == job_id, *where, Job.attempts >= max_attempts).values(
+        status="failed", error_code="too_many_attempts", error_message=message, claim_token=None,
+        finished_at=utcnow(), updated_at=utcnow()))
+    if result.rowcount == 1:
+        add_event(session, job_id, "status", message, data={"status": "failed", "code": "too_many_attempts"})
+    return result.rowcount == 1
+
+
+def claim_job(session: Session, job_id: str, token: str, *, heartbeat_timeout_s: float, max_attempts: int) -> ClaimResult:
+    """Atomically make this attempt (``token``) the job's owner.
+
+    claimed: run it. exhausted: it would have been attempt max_attempts + 1, so the job
+    failed with too_many_attempts instead. busy: queued for nobody, terminal, deleted, or
+    another worker holds a fresh claim; drop the message.
+    """
+    claimable = or_(Job.status == "queued", and_(Job.status == "running", heartbeat_stale(heartbeat_timeout_s)))
+    now = utcnow()
+    result = session.execute(update(Job).where(Job.id == job_id, claimable, Job.attempts < max_attempts).values(
+        status="running", attempts=Job.attempts + 1, claim_token=token, heartbeat_at=now, updated_at=now,
+        started_at=func.coalesce(Job.started_at, now)))
+    if result.rowcount == 1:
+        attempt = session.scalar(select(Job.attempts).where(Job.id == job_id))
+        add_event(session, job_id, "status", f"attempt {attempt} started", data={"status": "running", "attempt": attempt})
+        return "claimed"
+    return "exhausted" if _give_up(session, job_id, [claimable], max_attempts) else "busy"
+
+
+def recover_lost(session: Session, job_id: str, *, heartbeat_timeout_s: float, max_attempts: int) -> str | None:
+    """A running or cancelling job whose worker vanished: requeue it (the caller re-sends the task), cancel it
+    if that was asked for, or fail it once it used all its attempts. None when its heartbeat came back meanwhile."""
+    lost = [Job.id == job_id, heartbeat_stale(heartbeat_timeout_s)]
+    if session.execute(update(Job).where(*lost, Job.status == "cancelling").values(
+            status="cancelled", claim_token=None, finished_at=utcnow(), updated_at=utcnow())).rowcount:
+        add_event(session, job_id, "status", "worker lost while cancelling; cancelled", data={"status": "cancelled"})
+        return "cancelled"
+    if _give_up(session, job_id, [*lost, Job.status == "running"], max_attempts):
+        return "failed"
+    if session.execute(update(Job).where(*lost, Job.status == "running").values(
+            status="queued", claim_token=None, sent_at=utcnow(), updated_at=utcnow())).rowcount:
+        add_event(session, job_id, "status", "worker lost; requeued", data={"status": "queued"})
+        return "requeued"
+    return None

@@ -97,6 +97,12 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The worker attempt that owns the job: set by the claim, checked by every write of that attempt.
+    claim_token: Mapped[str | None] = mapped_column(String(64), default=None)
+    # When the run task was last sent to the broker (the reconciler re-sends messages it lost).
+    sent_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    # When the reconciler deleted the work area (checkpoints, stage outputs) of the finished job.
+    work_expired_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

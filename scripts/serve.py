@@ -36,10 +36,15 @@ def main() -> int:
     migrate(settings.database_url)
     secret = local_key(settings)
     worker_log = settings.data_dir / "worker.log"
-    queues = f"{settings.jobs_queue},{settings.validation_queue}"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues, "--loglevel", "INFO"],
-        stdout=open(worker_log, "ab"), stderr=subprocess.STDOUT)
+    celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]
+    # Two workers: one runs jobs (one at a time, the GPU's), the other validates uploads and, with
+    # -B, is the one celery beat that sends the reconciler; neither waits behind a long job.
+    workers = [
+        subprocess.Popen([*celery, "-Q", settings.jobs_queue, "-n", "jobs@%h"],
+                         stdout=open(worker_log, "ab"), stderr=subprocess.STDOUT),
+        subprocess.Popen([*celery, "-Q", settings.validation_queue, "-n", "validation@%h", "-B"],
+                         stdout=open(settings.data_dir / "validation-worker.log", "ab"), stderr=subprocess.STDOUT),
+    ]
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:app", "--host", settings.api_host, "--port", str(settings.api_port)])
     url = f"http://{settings.api_host}:{settings.api_port}"
     print(f"""
@@ -48,20 +53,20 @@ MaskTune Service at {url}  (docs: {url}/docs)
   export MASKTUNE_KEY={secret}
   database: {settings.database_url}
   blobs:    {settings.blob_url}
-  broker:   {settings.broker_url}   worker log: {worker_log}
+  broker:   {settings.broker_url}   worker logs: {worker_log}, {settings.data_dir / "validation-worker.log"}
 """, flush=True)
 
     def stop(*_):
-        for proc in (api, worker):
+        for proc in (api, *workers):
             if proc.poll() is None:
                 proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while api.poll() is None and worker.poll() is None:
+    while all(proc.poll() is None for proc in (api, *workers)):
         time.sleep(0.5)
     stop()
-    for proc in (api, worker):
+    for proc in (api, *workers):
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:

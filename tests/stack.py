@@ -86,11 +86,17 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"API did not start:\n{self.logs['api'].read_text()[-3000:]}")
 
-    def start_worker(self, name: str = "worker", concurrency: int = 1) -> subprocess.Popen:
-        queues = f"{self.env.get('MASKTUNE_JOBS_QUEUE', 'masktune.jobs')},{self.env.get('MASKTUNE_VALIDATION_QUEUE', 'masktune.validation')}"
-        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
-                                  "--pool", "prefork", "--concurrency", str(concurrency), "--loglevel", "INFO",
-                                  "-n", f"{name}-{secrets.token_hex(3)}@%h"])
+    @property
+    def queues(self) -> list[str]:
+        return [self.env.get("MASKTUNE_JOBS_QUEUE", "masktune.jobs"), self.env.get("MASKTUNE_VALIDATION_QUEUE", "masktune.validation")]
+
+    def start_worker(self, name: str = "worker", concurrency: int = 1, *, queues: list[str] | None = None,
+                     beat: bool = False) -> subprocess.Popen:
+        """A Celery worker on both queues (or ``queues``); ``beat``: also the stack's one celery beat (-B)."""
+        args = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", ",".join(queues or self.queues),
+                "--pool", "prefork", "--concurrency", str(concurrency), "--loglevel", "INFO",
+                "-n", f"{name}-{secrets.token_hex(3)}@%h"]
+        return self._spawn(name, args + (["-B"] if beat else []))
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         proc = self.procs.pop(name, None)

@@ -16,11 +16,11 @@ def compose() -> dict:
 
 def test_services_ports_and_health_checks():
     services = compose()["services"]
-    assert set(services) == {"api", "worker", "redis", "postgres"}
+    assert set(services) == {"api", "worker", "beat", "redis", "postgres"}
     for name, service in services.items():
         assert "test" in service["healthcheck"], name
     assert "8000:8000" in services["api"]["ports"]
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "beat"):
         for dependency in ("redis", "postgres"):
             assert services[name]["depends_on"][dependency]["condition"] == "service_healthy"
 
@@ -39,7 +39,7 @@ def test_images_and_gpu_reservation():
 def test_environment_names_real_settings_that_point_at_the_compose_services():
     services = compose()["services"]
     known = {f"MASKTUNE_{name.upper()}" for name in Settings.model_fields}
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "beat"):
         env = services[name]["environment"]
         masktune = {k for k in env if k.startswith("MASKTUNE_")}
         assert masktune <= known, masktune - known
@@ -56,3 +56,13 @@ def test_api_image_has_no_torch():
     worker = next(s for s in stages if s.split()[2:3] == ["worker"])
     assert "masktune_core" not in api and "[ml" not in api and "torch" not in api.lower().replace("# ", "")
     assert "[ml" in worker and "worker.celery_app" in worker
+
+
+def test_exactly_one_beat_sends_the_reconciler():
+    services = compose()["services"]
+    with_beat = [name for name, s in services.items() if "-B" in s.get("command", []) or "beat" in s.get("command", [])[3:4]]
+    assert with_beat == ["beat"]
+    beat = services["beat"]
+    assert beat["deploy"]["replicas"] == 1 and "devices" not in str(beat["deploy"])
+    assert "masktune.validation" in beat["command"]  # the queue the reconciler is routed to
+    assert any(v.startswith("blobs:") for v in beat["volumes"])  # it expires work areas in blob storage

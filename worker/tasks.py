@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
-import shutil
+import secrets
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from celery.exceptions import Ignore
 from sqlalchemy import select, update
 
 from jobspec import JobConfig
 from jobstore.blobs import BlobStore
 from jobstore.db import session_scope
-from jobstore.jobs import TERMINAL, add_event, update_job
+from jobstore.jobs import add_event, claim_job, update_job
 from jobstore.models import Artifact, Dataset, Job, Model, utcnow
 from jobstore.settings import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE_MODEL, Settings, get_settings
 from masktune_core import ARTIFACTS, JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
@@ -95,42 +95,96 @@ def _scratch(settings: Settings) -> Path:
 # ---------------------------------------------------------------- jobs
 
 
+class Claim:
+    """This attempt's hold on a job row (see jobstore.jobs.claim_job).
+
+    Every write of the attempt goes through ``write``, which names the claim token; once
+    a write finds the row claimed by another attempt (the reconciler presumed this one
+    dead), finished or deleted, ``lost`` turns true and the attempt stops writing. A
+    thread keeps the heartbeat fresh however long a batch, a download or an upload takes.
+    """
+
+    def __init__(self, settings: Settings, job_id: str, token: str):
+        self.settings = settings
+        self.job_id = job_id
+        self.token = token
+        self.lost = False
+        self.interval = min(settings.heartbeat_timeout_s / 4, 30.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_until_stopped, name=f"heartbeat-{job_id}", daemon=True)
+
+    def write(self, session, **fields) -> bool:
+        """Update the job row (and the heartbeat) if this attempt still owns it; False once it does not."""
+        if not self.lost and not update_job(session, self.job_id, self.token, heartbeat_at=utcnow(), **fields):
+            log.warning("job %s: claim %s lost (requeued, finished or deleted elsewhere); stopping", self.job_id, self.token)
+            self.lost = True
+        return not self.lost
+
+    def beat(self) -> bool:
+        with session_scope(self.settings.database_url) as session:
+            return self.write(session)
+
+    def _beat_until_stopped(self) -> None:
+        while not self._stop.wait(self.interval) and not self.lost:
+            try:
+                self.beat()
+            except Exception:  # the database may be briefly away; the next beat tries again
+                log.exception("job %s: heartbeat failed", self.job_id)
+
+    def __enter__(self) -> Claim:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class JobReporter:
     """Turns pipeline events into job rows and events: stages and epochs always, progress throttled."""
 
-    def __init__(self, settings: Settings, job_id: str, workspace: Workspace):
+    def __init__(self, settings: Settings, claim: Claim, workspace: Workspace):
         self.settings = settings
-        self.job_id = job_id
+        self.claim = claim
+        self.job_id = claim.job_id
         self.workspace = workspace
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancel = False
 
     def __call__(self, event: ProgressEvent) -> None:
-        now = time.monotonic()
-        if event.kind == "progress" and now - self._last_write < self.settings.progress_interval_s:
+        if self.claim.lost:
             return
-        if event.kind in ("stage", "epoch"):
-            self.workspace.sync()  # what finished before this event survives a crash
+        now = time.monotonic()
+        # A resumed ERM reports where it picked up: kept as an event, so clients (and tests) see it.
+        keep = event.kind in ("stage", "epoch", "warning") or "resumed_from_epoch" in event.data
+        if not keep and now - self._last_write < self.settings.progress_interval_s:
+            return
         self._last_write = now
+        if event.kind in ("stage", "epoch") and self.claim.beat():
+            self.workspace.sync()  # what finished before this event survives a crash
         with session_scope(self.settings.database_url) as session:
-            update_job(session, self.job_id, stage=event.stage, progress=round(event.progress, 4), heartbeat_at=utcnow())
-            if event.kind in ("stage", "epoch", "warning"):
-                add_event(session, self.job_id, event.kind, event.message, event.stage, event.data or None)
+            if self.claim.write(session, stage=event.stage, progress=round(event.progress, 4)) and keep:
+                kind = "info" if event.kind == "progress" else event.kind
+                add_event(session, self.job_id, kind, event.message, event.stage, event.data or None)
 
     def should_cancel(self) -> bool:
+        """True once a cancel was asked for, or once this attempt lost its claim."""
         now = time.monotonic()
         if not self._cancel and now - self._last_cancel_check >= min(self.settings.progress_interval_s, 0.5):
             self._last_cancel_check = now
             with session_scope(self.settings.database_url) as session:
                 self._cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
-        return self._cancel
+        return self._cancel or self.claim.lost
 
 
-def _finish(settings: Settings, job_id: str, status: str, message: str, **fields) -> None:
+def _finish(settings: Settings, claim: Claim, status: str, message: str, artifacts: list[Artifact] = (), **fields) -> None:
+    """The terminal write, with the artifact rows, in one transaction: only while the claim holds."""
     with session_scope(settings.database_url) as session:
-        if update_job(session, job_id, status=status, finished_at=utcnow(), **fields):
-            add_event(session, job_id, "status", message, data={"status": status})
+        if claim.write(session, status=status, finished_at=utcnow(), **fields):
+            for artifact in artifacts:
+                session.merge(artifact)
+            add_event(session, claim.job_id, "status", message, data={"status": status})
 
 
 def _summary(metrics: dict) -> dict:
@@ -146,76 +200,81 @@ def _summary(metrics: dict) -> dict:
     }
 
 
-@app.task(name=TASK_RUN_JOB, bind=True)
-def run_job(self, job_id: str) -> None:
+@app.task(name=TASK_RUN_JOB)
+def run_job(job_id: str) -> None:
+    """Claim the job, then run it; a delivery that cannot claim it (a duplicate) is acknowledged and dropped."""
     settings = get_settings()
+    token = secrets.token_hex(16)
     with session_scope(settings.database_url) as session:
-        job = _by_id(session, Job, job_id)
-        if job is None or job.status in TERMINAL:
-            raise Ignore()  # deleted, or a duplicate delivery of a finished job
-        job_cancelled = job.cancel_requested
-        if not job_cancelled:
-            attempts = job.attempts + 1
-            update_job(session, job_id, status="running", attempts=attempts, heartbeat_at=utcnow(),
-                       started_at=job.started_at or utcnow())
-            add_event(session, job_id, "status", f"attempt {attempts} started", data={"status": "running", "attempt": attempts})
-        config = JobConfig.model_validate(job.config)
-        dataset = _by_id(session, Dataset, job.dataset_id)
-        model = _by_id(session, Model, job.model_id) if job.model_id else None
-        dataset_key, dataset_name = dataset.blob_key, dataset.filename
-        weights = (model.blob_key, Path(model.filename).suffix) if model else None
-    if job_cancelled:
-        _finish(settings, job_id, "cancelled", "cancelled before it started")
-        return
-    if attempts > settings.max_attempts:
-        _finish(settings, job_id, "failed", "too many attempts", error_code="too_many_attempts",
-                error_message=f"the job was started {attempts - 1} times and never finished "
-                              f"(its worker died, e.g. out of memory); giving up after MASKTUNE_MAX_ATTEMPTS={settings.max_attempts}")
-        return
+        outcome = claim_job(session, job_id, token, heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                            max_attempts=settings.max_attempts)
+    if outcome == "exhausted":
+        log.warning("job %s failed: too many attempts (max %d)", job_id, settings.max_attempts)
+    elif outcome == "busy":
+        log.info("job %s is not claimable (finished, deleted, or another worker holds it); dropping this delivery", job_id)
+    else:
+        workspace = Workspace(_blobs(settings), settings.work_dir, job_id, token)
+        try:
+            with Claim(settings, job_id, token) as claim:
+                _run_claimed(settings, claim, workspace)
+        finally:
+            workspace.remove()
 
-    blobs = _blobs(settings)
-    workspace = Workspace(blobs, settings.work_dir, job_id)
-    restored = workspace.restore()
-    reporter = JobReporter(settings, job_id, workspace)
-    if restored:
-        with session_scope(settings.database_url) as session:
-            add_event(session, job_id, "info", f"resuming from {restored} stored work files")
+
+def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None:
+    job_id = claim.job_id
+    blobs = workspace.blobs
+    reporter = JobReporter(settings, claim, workspace)
     try:
+        with session_scope(settings.database_url) as session:
+            job = _by_id(session, Job, job_id)
+            config = JobConfig.model_validate(job.config)
+            dataset = _by_id(session, Dataset, job.dataset_id)
+            model = _by_id(session, Model, job.model_id) if job.model_id else None
+            dataset_key, dataset_name = dataset.blob_key, dataset.filename
+            weights = (model.blob_key, Path(model.filename).suffix) if model else None
+        restored = workspace.restore()  # the work of earlier attempts, from any machine
+        if restored:
+            with session_scope(settings.database_url) as session:
+                if claim.write(session):
+                    add_event(session, job_id, "info", f"resuming from {restored} stored work files", data={"restored_files": restored})
         data = workspace.root / "input" / f"dataset{''.join(Path(dataset_name).suffixes[-2:]) or '.bin'}"
-        if not data.exists():
-            blobs.get_file(dataset_key, data)
+        blobs.get_file(dataset_key, data)
         initial = None
         if weights:
             initial = workspace.root / "input" / f"weights{weights[1]}"
-            if not initial.exists():
-                blobs.get_file(weights[0], initial)
+            blobs.get_file(weights[0], initial)
         run = MaskTuneRun(data, workspace.root / "out", config, workdir=workspace.workdir, initial_weights=initial,
                           device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel)
         metrics = run.run()
-        _store_artifacts(settings, blobs, job_id, workspace.root / "out")
+        if not claim.beat():
+            return  # taken over meanwhile: the new owner uploads its own artifacts
+        artifacts = _store_artifacts(blobs, job_id, workspace.root / "out")
     except JobCancelled:
-        _finish(settings, job_id, "cancelled", "cancelled by request")
+        if not claim.lost:
+            _finish(settings, claim, "cancelled", "cancelled by request")
         return
     except MaskTuneError as exc:
-        _finish(settings, job_id, "failed", str(exc), error_code=exc.code, error_message=str(exc))
+        _finish(settings, claim, "failed", str(exc), error_code=exc.code, error_message=str(exc))
         return
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        _finish(settings, job_id, "failed", "internal error", error_code="internal_error",
+        _finish(settings, claim, "failed", "internal error", error_code="internal_error",
                 error_message=f"{type(exc).__name__}: {str(exc)[:500]}")
         return
-    _finish(settings, job_id, "succeeded", metrics["verdict"]["message"], progress=1.0, metrics_summary=_summary(metrics))
-    shutil.rmtree(workspace.root, ignore_errors=True)
+    _finish(settings, claim, "succeeded", metrics["verdict"]["message"], artifacts, progress=1.0,
+            metrics_summary=_summary(metrics))
 
 
-def _store_artifacts(settings: Settings, blobs: BlobStore, job_id: str, out_dir: Path) -> None:
-    """Upload each artifact (atomically) and record it; a re-run overwrites the same names."""
+def _store_artifacts(blobs: BlobStore, job_id: str, out_dir: Path) -> list[Artifact]:
+    """Upload each artifact (atomically); returns the rows, which the terminal write records."""
+    rows = []
     for name in ARTIFACTS:
         path = out_dir / name
         if not path.exists():
             continue
         key = f"jobs/{job_id}/artifacts/{name}"
         size, sha256 = blobs.put_file(key, path)
-        with session_scope(settings.database_url) as session:
-            session.merge(Artifact(job_id=job_id, name=name, blob_key=key, size_bytes=size, sha256=sha256,
-                                   content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream")))
+        rows.append(Artifact(job_id=job_id, name=name, blob_key=key, size_bytes=size, sha256=sha256,
+                             content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream")))
+    return rows

@@ -2,11 +2,14 @@
 
 The pipeline persists every finished stage and ERM epoch in its work directory;
 ``sync`` uploads what changed since the last call and ``restore`` brings it back
-on a machine that has never seen the job.
+on a machine that has never seen the job. Each attempt works in its own local
+folder (``work_dir/<job>/<claim token>``), so a worker presumed dead that comes
+back never writes into its successor's files on the same machine.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from jobstore.blobs import BlobStore
@@ -14,10 +17,15 @@ from jobstore.blobs import BlobStore
 _LOCAL_ONLY = ("dataset/",)  # the unpacked upload: re-created from the archive when needed
 
 
+def _temporary(name: str) -> bool:
+    return ".tmp" in name  # the pipeline's and the blob store's half-written files
+
+
 class Workspace:
-    def __init__(self, blobs: BlobStore, root: Path, job_id: str):
+    def __init__(self, blobs: BlobStore, work_dir: Path, job_id: str, attempt: str):
         self.blobs = blobs
-        self.root = root / job_id
+        self.job_dir = work_dir / job_id
+        self.root = self.job_dir / attempt
         self.workdir = self.root / "work"
         self.prefix = f"jobs/{job_id}/work"
         self._synced: dict[str, tuple[int, int]] = {}
@@ -28,19 +36,21 @@ class Workspace:
         files = {}
         for path in self.workdir.rglob("*"):
             rel = path.relative_to(self.workdir).as_posix()
-            if path.is_file() and ".tmp" not in path.name and not rel.startswith(_LOCAL_ONLY):
+            if path.is_file() and not _temporary(path.name) and not rel.startswith(_LOCAL_ONLY):
                 files[rel] = path
         return files
 
     def restore(self) -> int:
-        """Download the stored work area when this machine has none; returns files fetched."""
-        if (self.workdir / "state.json").exists():
-            return 0
-        keys = self.blobs.list(self.prefix)
+        """Start this attempt's folder from the stored work area; returns files fetched.
+
+        Folders of earlier attempts of the job on this machine go first: their worker is gone
+        (this attempt holds the claim) and the stored copy is the one every machine shares.
+        """
+        shutil.rmtree(self.job_dir, ignore_errors=True)
+        keys = [key for key in self.blobs.list(self.prefix) if not _temporary(key.rsplit("/", 1)[-1])]
         for key in keys:
-            rel = key[len(self.prefix) + 1:]
-            self.blobs.get_file(key, self.workdir / rel)
-        self._remember()
+            self.blobs.get_file(key, self.workdir / key[len(self.prefix) + 1:])
+        self._synced = {rel: (p.stat().st_size, p.stat().st_mtime_ns) for rel, p in self._files().items()}
         return len(keys)
 
     def sync(self) -> None:
@@ -55,5 +65,10 @@ class Workspace:
             self.blobs.put_file(f"{self.prefix}/{rel}", path)
             self._synced[rel] = (stat.st_size, stat.st_mtime_ns)
 
-    def _remember(self) -> None:
-        self._synced = {rel: (p.stat().st_size, p.stat().st_mtime_ns) for rel, p in self._files().items()}
+    def remove(self) -> None:
+        """Delete this attempt's local folder (the stored work area stays until retention expires it)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self.job_dir.rmdir()
+        except OSError:
+            pass
