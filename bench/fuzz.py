@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' own modules, as pytest imports them
 
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 
-from tests.stack import Stack  # noqa: E402
-from tests.test_fuzz import MODES, fuzz_operation, load_schema, operations, real_objects, takes_ids  # noqa: E402
+from stack import Stack  # noqa: E402
+from test_fuzz import MODES, fuzz_operation, load_schema, operations, real_objects, takes_ids  # noqa: E402
 
 
 def main() -> int:

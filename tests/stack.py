@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import psycopg
@@ -128,3 +130,16 @@ class Stack:
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
         return self.logs[name].read_text(errors="replace")[-chars:] if name in self.logs else ""
+
+
+@contextmanager
+def running(tmp: Path, *, worker: bool = False, **extra_env: str) -> Iterator[Stack]:
+    """A Stack with its API (and a worker) started, closed however the block ends."""
+    stack = Stack(tmp, **extra_env)
+    try:
+        stack.start_api()
+        if worker:
+            stack.start_worker()
+        yield stack
+    finally:
+        stack.close()

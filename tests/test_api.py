@@ -24,7 +24,7 @@ import pytest
 import redis
 from PIL import Image
 
-from tests.stack import REDIS_URL, ROOT, Stack
+from stack import REDIS_URL, ROOT, Stack, running
 
 PROBLEM = "application/problem+json"
 
@@ -34,12 +34,8 @@ PROBLEM = "application/problem+json"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     # Tests here create many jobs per tenant; the active-job limit has its own stack (limits_stack).
-    s = Stack(tmp_path_factory.mktemp("api"), MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT="1000")
-    try:
-        s.start_api()
+    with running(tmp_path_factory.mktemp("api"), MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT="1000") as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -503,12 +499,8 @@ def test_artifacts(stack, a, dataset_a):
 
 @pytest.fixture(scope="module")
 def small_stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("api-small"), MASKTUNE_MAX_UPLOAD_BYTES="10000")
-    try:
-        s.start_api()
+    with running(tmp_path_factory.mktemp("api-small"), MASKTUNE_MAX_UPLOAD_BYTES="10000") as s:
         yield s
-    finally:
-        s.close()
 
 
 def _multipart_chunks(size: int, boundary: str = "b0undary"):
@@ -685,13 +677,9 @@ QUOTA = 20_000
 
 @pytest.fixture(scope="module")
 def limits_stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("api-limits"), MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT="2",
-              MASKTUNE_TENANT_STORAGE_QUOTA_BYTES=str(QUOTA))
-    try:
-        s.start_api()
+    with running(tmp_path_factory.mktemp("api-limits"), MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT="2",
+                 MASKTUNE_TENANT_STORAGE_QUOTA_BYTES=str(QUOTA)) as s:
         yield s
-    finally:
-        s.close()
 
 
 def test_active_job_limit(limits_stack):
@@ -815,12 +803,8 @@ def test_storage_quota(limits_stack):
 
 @pytest.fixture(scope="module")
 def slow_stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("api-slow"), MASKTUNE_UPLOAD_IDLE_TIMEOUT_S="1")
-    try:
-        s.start_api()
+    with running(tmp_path_factory.mktemp("api-slow"), MASKTUNE_UPLOAD_IDLE_TIMEOUT_S="1") as s:
         yield s
-    finally:
-        s.close()
 
 
 def _stall(port: int, key: str, path: str = "/v1/datasets") -> socket.socket:

@@ -17,20 +17,16 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.stack import ROOT, Stack
-from tests.test_api import PROBLEM, assert_problem, blob_dir, ready_dataset, sql, upload_model
+from stack import ROOT, Stack, running
+from test_api import PROBLEM, assert_problem, blob_dir, ready_dataset, sql, upload_model
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("api-tenants"))
-    try:
-        s.start_api()
+    with running(tmp_path_factory.mktemp("api-tenants")) as s:
         yield s
-    finally:
-        s.close()
 
 
 def manage(stack: Stack, *args: str) -> dict:

@@ -31,8 +31,8 @@ from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
                                                response_schema_conformance, status_code_conformance)
 
-from tests.stack import Stack
-from tests.test_api import blob_dir, ready_dataset, sql, upload_model
+from stack import Stack, running
+from test_api import blob_dir, ready_dataset, sql, upload_model
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
@@ -163,12 +163,8 @@ def fuzz_operation(operation: Any, base_url: str, key: str, *, mode: GenerationM
 
 @pytest.fixture(scope="module")
 def fuzz_stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("api-fuzz"), MASKTUNE_MAX_UPLOAD_BYTES=str(1 << 20))
-    try:
-        s.start_api()
+    with running(tmp_path_factory.mktemp("api-fuzz"), MASKTUNE_MAX_UPLOAD_BYTES=str(1 << 20)) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

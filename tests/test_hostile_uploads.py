@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from masktune_core import create_model
-from stack import Stack
+from stack import running
 from test_service_e2e import upload_dataset, wait_for
 
 OUTSIDE = Path("/tmp")  # where an escaping member would land
@@ -65,13 +65,8 @@ def make_tar(members: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> by
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("hostile"))
-    try:
-        stack.start_api()
-        stack.start_worker()
+    with running(tmp_path_factory.mktemp("hostile"), worker=True) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 from masktune_core import create_model, load_weights
 from masktune_core.data import decode_dataset, index_dataset
 from masktune_core.training import LoopSettings, accuracy, predict_logits
-from stack import ROOT, Stack, free_port
+from stack import ROOT, free_port, running
 
 SMALL_JOB = {"erm": {"epochs": 3, "batch_size": 64}, "masking": {"batch_size": 64}, "preview_count": 2}
 STAGES = ["prepare", "erm", "saliency", "finetune", "evaluate", "export"]
@@ -71,13 +71,8 @@ def accuracy_of_weights(weights: bytes, dataset_dir: Path, tmp_path: Path) -> fl
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("stack"))
-    try:
-        stack.start_api()
-        stack.start_worker()
+    with running(tmp_path_factory.mktemp("stack"), worker=True) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 @pytest.fixture(scope="module")
