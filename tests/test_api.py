@@ -541,17 +541,23 @@ def test_uploads_over_the_limit_get_413(small_stack, queues):
         assert_problem(r, 413, "payload_too_large")
 
 
+def _declare_upload_without_body(port: int, key: str, length: int, until: bytes) -> bytes:
+    """Send only the headers of a dataset upload declaring ``length`` bytes; read the answer until ``until``.
+    An answer at all proves the server decided without waiting for the body."""
+    head = (f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: {length}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while until not in answer and (chunk := sock.recv(65536)):
+            answer += chunk  # headers and body may come in separate segments
+    return answer
+
+
 def test_declared_oversize_is_refused_before_the_body_is_sent(small_stack):
     # Headers only, no body: an answer proves the server did not wait to read it.
     key = small_stack.create_key("small-raw")
-    head = (f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: 60000\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", small_stack.port), timeout=10) as sock:
-        sock.sendall(head)
-        answer = b""
-        while b"payload_too_large" not in answer and (chunk := sock.recv(65536)):
-            answer += chunk  # headers and body may come in separate segments
-        answer = answer.decode()
+    answer = _declare_upload_without_body(small_stack.port, key, 60000, until=b"payload_too_large").decode()
     assert answer.startswith("HTTP/1.1 413") and PROBLEM in answer and "payload_too_large" in answer
 
 
@@ -738,13 +744,7 @@ def test_storage_quota(limits_stack):
         stored = _stored_files(s)
 
         # Content-Length already shows it: refused before the body is read (headers only here).
-        head = (f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-                f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: 60000\r\n\r\n").encode()
-        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
-            sock.sendall(head)
-            answer = b""
-            while b"storage_quota_exceeded" not in answer and (chunk := sock.recv(65536)):
-                answer += chunk
+        answer = _declare_upload_without_body(s.port, key, 60000, until=b"storage_quota_exceeded")
         assert answer.startswith(b"HTTP/1.1 413") and b"storage_quota_exceeded" in answer
         body = assert_problem(upload_dataset(client, data=b"x" * 40_000), 413, "storage_quota_exceeded")
         assert str(QUOTA) in body["detail"] and str(used) in body["detail"]
