@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     blob_url: str = Field("", description="fsspec URL for blob storage; default: data_dir/blobs. S3-compatible: s3://bucket/prefix.")
     broker_url: str = Field("", description="Celery broker; default: kombu's filesystem transport under data_dir/broker. Production: redis://host:6379/0.")
     work_dir: Path | None = Field(None, description="Worker's local scratch space for running jobs; default: data_dir/work.")
+    dataset_cache_dir: Path | None = Field(
+        None, description="Worker's local copies of datasets (unpacked, and decoded once per input size), shared by its jobs; "
+        "default: work_dir/datasets. Put it on a disk with room for the largest datasets: see README, Data at scale.")
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload; larger requests get 413.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good (a worker that dies mid-job counts).")
     visibility_timeout_s: int = Field(24 * 3600, ge=60, description="Redis redelivers an unacknowledged job after this long; must exceed the longest job.")
@@ -44,6 +47,8 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
+        if self.dataset_cache_dir is None:
+            self.dataset_cache_dir = self.work_dir / "datasets"
         return self
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     if args.seed is not None:
         data["seed"] = args.seed
     return JobConfig.model_validate(data)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masktune" / "datasets"
 
 
 class ProgressBars:
@@ -75,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", help="JSON file with the job config (same schema as POST /v1/jobs)")
     run.add_argument("--weights", help="start from these weights (.safetensors or state-dict .pt)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    run.add_argument("--cache-dir", default=str(default_cache_dir()),
+                     help="where datasets are unpacked and decoded once, for every later run on them (default: %(default)s)")
     args = parser.parse_args(argv)
 
     bars = ProgressBars()
     try:
         config = build_config(args)
-        metrics = run_masktune(args.data, args.out, config, initial_weights=args.weights, device=args.device, on_event=bars)
+        metrics = run_masktune(args.data, args.out, config, initial_weights=args.weights, device=args.device, on_event=bars,
+                               cache_dir=args.cache_dir)
     except ValidationError as exc:
         print(f"error: invalid config:\n{exc}", file=sys.stderr)
         return 2

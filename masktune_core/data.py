@@ -5,8 +5,9 @@ Layouts (DESIGN.md section 4):
   Manifest     a CSV at the root: filename,label[,split][,group]
                (Waterbirds' img_filename,y,split,place is accepted too)
 
-Images are decoded once, resized whole (no crop) to the network input and kept
-as uint8, so masks computed on that view line up with the pixels they zero.
+Images are decoded once per input size (``decoded``), resized whole (no crop) and
+kept as uint8 on disk, so masks computed on that view line up with the pixels they
+zero; a split is a list of rows of that array (``SplitRows``).
 """
 
 from __future__ import annotations
@@ -14,23 +15,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .archive import safe_member_path
+from .decoded import DecodedImages, decode_image, decode_once, read_header
 from .errors import DatasetError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 SPLITS = ("train", "val", "test")
-MAX_IMAGE_PIXELS = 64_000_000  # checked from the header, before any pixel is decoded
 _SPLIT_ALIASES = {
     "train": "train", "training": "train", "0": "train",
     "val": "val", "valid": "val", "validation": "val", "1": "val",
@@ -263,85 +263,113 @@ def check_trainable(index: DatasetIndex) -> None:
 # ---------------------------------------------------------------- decoding
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img) * (255.0 if np.asarray(img).max() <= 1 else 1), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "P":
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
+@dataclass
+class SplitRows:
+    """One split of a job: rows of the decoded images (on disk), with labels and groups in memory."""
 
+    images: DecodedImages
+    rows: np.ndarray  # int64 [N], rows of images.npy
+    labels: torch.Tensor  # int64 [N]
+    groups: torch.Tensor  # int64 [N], -1 without groups
 
-def decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], str]:
-    """(uint8 HxWx3 at size x size, original (width, height), original mode)."""
-    try:
-        img = Image.open(path)
-    except Image.DecompressionBombError as exc:  # PIL's own guard fires on the header, before ours
-        raise DatasetError(f"the image is over the limit of {MAX_IMAGE_PIXELS} pixels ({exc})") from exc
-    with img:
-        width, height = img.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise DatasetError(f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
-        mode = img.mode
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it can
-        rgb = _to_rgb(img)
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8), (width, height), mode
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.images.names[r] for r in self.rows.tolist()]
+
+    def pixels(self, positions=None) -> torch.Tensor:
+        """uint8 [n, 3, S, S] of the split's images at ``positions`` (default: all of them)."""
+        rows = self.rows if positions is None else self.rows[np.asarray(positions, dtype=np.int64)]
+        return torch.from_numpy(self.images.read(rows)).permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
 class DecodedDataset:
-    splits: dict[str, DecodedSplit]
+    splits: dict[str, SplitRows]
     image_stats: dict
+    decoded_count: int  # images decoded by this call; 0 when the cache entry was reused
 
 
-def decode_dataset(index: DatasetIndex, size: int, workers: int | None = None) -> DecodedDataset:
-    """Decode every sample at ``size``; unreadable images are skipped and reported."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    sizes: list[tuple[int, int]] = []
-    modes: Counter = Counter()
-    splits: dict[str, DecodedSplit] = {}
+def decode_dataset(
+    index: DatasetIndex,
+    size: int,
+    folder: Path,
+    *,
+    workers: int | None = None,
+    should_cancel: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> DecodedDataset:
+    """Decode every sample at ``size`` into the cache entry ``folder`` (or reuse it); unreadable images are skipped and reported."""
+    files = {s.name: s.path for samples in index.splits.values() for s in samples}
+    images, decoded = decode_once(files, folder, size, workers=workers, should_cancel=should_cancel, on_progress=on_progress)
+    used: list[int] = []
+    splits: dict[str, SplitRows] = {}
+    for split, samples in index.splits.items():
+        kept = []
+        for sample in samples:
+            row = images.row_of(sample.name)
+            if row in images.errors:
+                index.skipped.append({"file": sample.name, "reason": images.errors[row]})
+            else:
+                kept.append((row, sample))
+        index.splits[split] = [sample for _, sample in kept]
+        rows = np.array([row for row, _ in kept], dtype=np.int64)
+        used += rows.tolist()
+        splits[split] = SplitRows(images, rows, torch.tensor([s.label for _, s in kept], dtype=torch.long),
+                                  torch.tensor([s.group for _, s in kept], dtype=torch.long))
+    check_trainable(index)
+    stats = _image_stats([images.widths[r] for r in used], [images.heights[r] for r in used], [images.modes[r] for r in used])
+    return DecodedDataset(splits, stats, decoded)
 
-    def load(sample: Sample):
+
+def inspect_images(index: DatasetIndex, sample_size: int = 64, seed: int = 0, workers: int = 8) -> dict:
+    """Image statistics from every file's header, plus a full decode of a seeded sample.
+
+    Enough to accept an upload without decoding it all (the job's decode pass reports any
+    image that fails later). Unreadable files are moved to ``index.skipped``.
+    """
+    samples = [s for split in index.splits.values() for s in split]
+    chosen = {samples[i].name for i in np.random.default_rng(seed).permutation(len(samples))[:sample_size].tolist()}
+
+    def check(sample: Sample):
         try:
-            return sample, decode_image(sample.path, size), None
+            header = read_header(sample.path)
+            if sample.name in chosen:
+                decode_image(sample.path, 32)
+            return header, None
         except DatasetError as exc:
-            return sample, None, str(exc)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return sample, None, f"unreadable image: {exc}"
+            return None, str(exc)
+        except (OSError, ValueError, SyntaxError) as exc:
+            return None, f"unreadable image: {exc}"
 
     with ThreadPoolExecutor(workers) as pool:
-        for split, samples in index.splits.items():
-            arrays, labels, groups, names, kept = [], [], [], [], []
-            for sample, decoded, error in pool.map(load, samples):
-                if decoded is None:
-                    index.skipped.append({"file": sample.name, "reason": error})
-                    continue
-                array, wh, mode = decoded
-                arrays.append(array)
-                labels.append(sample.label)
-                groups.append(sample.group)
-                names.append(sample.name)
+        results = dict(zip((s.name for s in samples), pool.map(check, samples)))
+    headers = []
+    for split, split_samples in index.splits.items():
+        kept = []
+        for sample in split_samples:
+            header, error = results[sample.name]
+            if error:
+                index.skipped.append({"file": sample.name, "reason": error})
+            else:
                 kept.append(sample)
-                sizes.append(wh)
-                modes[mode] += 1
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
-            splits[split] = DecodedSplit(images, torch.tensor(labels, dtype=torch.long), torch.tensor(groups, dtype=torch.long), names)
-            index.splits[split] = kept
+                headers.append(header)
+        index.splits[split] = kept
     check_trainable(index)
-    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
-    stats = {
+    return _image_stats([h[0] for h in headers], [h[1] for h in headers], [h[2] for h in headers])
+
+
+def _image_stats(widths: list[int], heights: list[int], modes: list[str]) -> dict:
+    return {
         "min_width": min(widths), "max_width": max(widths),
         "min_height": min(heights), "max_height": max(heights),
-        "modes": dict(modes),
+        "modes": dict(Counter(modes)),
     }
-    return DecodedDataset(splits, stats)
 
 
-def summarize(index: DatasetIndex, decoded: DecodedDataset | None = None, max_skipped_listed: int = 100) -> dict:
+def summarize(index: DatasetIndex, image_stats: dict | None = None, max_skipped_listed: int = 100) -> dict:
     """What a user sees about their dataset: classes, groups, counts, sizes, skips."""
     def counts(samples: list[Sample]) -> dict:
         per_class = Counter(index.classes[s.label] for s in samples)
@@ -360,8 +388,8 @@ def summarize(index: DatasetIndex, decoded: DecodedDataset | None = None, max_sk
         "skipped_count": len(index.skipped),
         "skipped": index.skipped[:max_skipped_listed],
     }
-    if decoded is not None:
-        summary["image_sizes"] = decoded.image_stats
+    if image_stats is not None:
+        summary["image_sizes"] = image_stats
     return summary
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from helpers import COLOURS, names, random_image, write_class_folder, write_image, write_manifest, write_manifest_dataset
-from masktune_core import data
+from masktune_core import decoded
 from masktune_core.data import augment, dataset_sha256, decode_dataset, index_dataset, normalize, summarize
 from masktune_core.errors import DatasetError
 
@@ -278,13 +278,14 @@ def test_decode_many_modes_to_uint8_rgb(tmp_path):
     _save(t / "b" / "rgb.jpg", Image.new("RGB", (7, 11), (0, 255, 0)))
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 16, workers=1)
+    dec = decode_dataset(idx, 16, tmp_path / "cache", workers=1)
     tr = dec.splits["train"]
-    assert tr.images.dtype == torch.uint8
-    assert tuple(tr.images.shape) == (8, 3, 16, 16)
-    assert tuple(dec.splits["val"].images.shape) == (2, 3, 16, 16)
+    images = tr.pixels()
+    assert images.dtype == torch.uint8
+    assert tuple(images.shape) == (8, 3, 16, 16)
+    assert tuple(dec.splits["val"].pixels().shape) == (2, 3, 16, 16)
     assert tr.labels.dtype == torch.int64 and sorted(tr.labels.tolist()) == [0] * 4 + [1] * 4
-    px = {n.split("/")[-1]: tr.images[i, :, 8, 8].tolist() for i, n in enumerate(tr.names)}
+    px = {n.split("/")[-1]: images[i, :, 8, 8].tolist() for i, n in enumerate(tr.names)}
     assert px["l.png"] == [200, 200, 200]
     assert px["p.png"] == [255, 0, 0]
     assert px["rgb.jpg"][1] > 200 and px["rgb.jpg"][0] < 40
@@ -300,9 +301,9 @@ def test_16bit_grey_decodes_to_matching_brightness(tmp_path):
     write_class_folder(tmp_path / "train", {"b": 1})
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 8, workers=1)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=1)
     i = dec.splits["train"].names.index("train/a/x.png")
-    img = dec.splits["train"].images[i]
+    img = dec.splits["train"].pixels([i])[0]
     assert abs(int(img[0, 4, 0]) - round(60000 / 65535 * 255)) <= 2
     assert abs(int(img[0, 4, 7]) - round(20000 / 65535 * 255)) <= 2
     assert int(img[0, 4, 0]) == int(img[1, 4, 0]) == int(img[2, 4, 0])
@@ -317,12 +318,12 @@ def test_broken_images_skipped_and_reported(tmp_path):
     (tmp_path / "train" / "b" / "notimage.png").write_bytes(b"this is text, not a PNG\n" * 4)
     idx = index_dataset(tmp_path)
     assert len(idx.splits["train"]) == 8
-    dec = decode_dataset(idx, 8, workers=2)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=2)
     assert len(dec.splits["train"]) == 6
     assert "train/a/truncated.png" not in dec.splits["train"].names
     skipped = {d["file"] for d in idx.skipped}
     assert skipped == {"train/a/truncated.png", "train/b/notimage.png"}
-    s = summarize(idx, dec)
+    s = summarize(idx, dec.image_stats)
     assert {d["file"] for d in s["skipped"]} == skipped and s["skipped_count"] == 2
     assert s["splits"]["train"]["images"] == 6
     assert all(d["reason"] for d in s["skipped"])
@@ -336,16 +337,16 @@ def test_skipping_every_training_image_of_a_class(tmp_path):
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
     with pytest.raises(DatasetError, match="b"):
-        decode_dataset(idx, 8, workers=1)
+        decode_dataset(idx, 8, tmp_path / "cache", workers=1)
 
 
 def test_pixel_limit_from_header(tmp_path, monkeypatch):
     write_class_folder(tmp_path / "train", {"a": 2, "b": 2}, size=(8, 8))
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1}, size=(8, 8))
     write_image(tmp_path / "train" / "a" / "huge.png", size=(20, 20))
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 300)
+    monkeypatch.setattr(decoded, "MAX_IMAGE_PIXELS", 300)
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 8, workers=1)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=1)
     assert "train/a/huge.png" not in dec.splits["train"].names
     assert len(dec.splits["train"]) == 4
     (entry,) = [d for d in idx.skipped if d["file"] == "train/a/huge.png"]
@@ -360,8 +361,8 @@ def test_resize_is_whole_image_not_crop(tmp_path):
     write_class_folder(tmp_path / "train", {"b": 1})
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 16, workers=1)
-    img = dec.splits["train"].images[dec.splits["train"].names.index("train/a/wide.png")]
+    dec = decode_dataset(idx, 16, tmp_path / "cache", workers=1)
+    img = dec.splits["train"].pixels([dec.splits["train"].names.index("train/a/wide.png")])[0]
     assert img[:, :, :6].tolist() == [[[255] * 6] * 16, [[0] * 6] * 16, [[0] * 6] * 16]
     assert img[:, :, -6:].tolist() == [[[0] * 6] * 16, [[0] * 6] * 16, [[255] * 6] * 16]
 
@@ -373,8 +374,8 @@ def test_summary_sizes_modes_and_counts(tmp_path):
     _save(tmp_path / "val" / "a" / "4.png", Image.new("RGBA", (14, 9)))
     _save(tmp_path / "val" / "b" / "5.png", Image.new("RGB", (9, 40)))
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 8, workers=1)
-    s = summarize(idx, dec)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=1)
+    s = summarize(idx, dec.image_stats)
     sizes = s["image_sizes"]
     assert (sizes["min_width"], sizes["max_width"]) == (8, 25)
     assert (sizes["min_height"], sizes["max_height"]) == (8, 40)

@@ -18,17 +18,17 @@ from jobstore.db import session_scope
 from jobstore.jobs import add_event, claim_job, update_job
 from jobstore.models import Artifact, Dataset, Job, Model, utcnow
 from jobstore.settings import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE_MODEL, Settings, get_settings
-from masktune_core import ARTIFACTS, JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
+from masktune_core import JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
 from masktune_core.archive import extract_archive
-from masktune_core.data import decode_dataset, index_dataset, summarize
+from masktune_core.data import index_dataset, inspect_images, summarize
+from masktune_core import runfolder as rf
+from masktune_core.metrics import headline
 
 from .celery_app import app
+from .dataset_cache import DatasetCache, prune
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-CONTENT_TYPES = {".json": "application/json", ".png": "image/png", ".safetensors": "application/octet-stream"}
-VALIDATION_SIZE = 32  # decoding at a small size proves an image is readable without the full cost
 
 
 def _blobs(settings: Settings) -> BlobStore:
@@ -68,10 +68,11 @@ def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict])
 
 @app.task(name=TASK_VALIDATE_DATASET)
 def validate_dataset(dataset_id: str) -> None:
-    """Unpack, index and decode the archive with masktune_core's reader."""
+    """Unpack and index the archive with masktune_core's reader; read every image's header and
+    decode a sample (the job's decode pass reports any image that fails later)."""
     def check(archive: Path, _: dict) -> dict:
         index = index_dataset(extract_archive(archive, archive.parent / "unpacked"))
-        return {"summary": summarize(index, decode_dataset(index, VALIDATION_SIZE))}
+        return {"summary": summarize(index, inspect_images(index))}
 
     _validate_upload(Dataset, dataset_id, check)
 
@@ -143,11 +144,12 @@ class Claim:
 class JobReporter:
     """Turns pipeline events into job rows and events: stages and epochs always, progress throttled."""
 
-    def __init__(self, settings: Settings, claim: Claim, workspace: Workspace):
+    def __init__(self, settings: Settings, claim: Claim, workspace: Workspace, after_prepare: Callable[[], None]):
         self.settings = settings
         self.claim = claim
         self.job_id = claim.job_id
         self.workspace = workspace
+        self.after_prepare = after_prepare
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancel = False
@@ -163,6 +165,8 @@ class JobReporter:
         self._last_write = now
         if event.kind in ("stage", "epoch") and self.claim.beat():
             self.workspace.sync()  # what finished before this event survives a crash
+            if event.kind == "stage" and event.stage != "prepare":
+                self.after_prepare()
         with session_scope(self.settings.database_url) as session:
             if self.claim.write(session, stage=event.stage, progress=round(event.progress, 4)) and keep:
                 kind = "info" if event.kind == "progress" else event.kind
@@ -185,19 +189,6 @@ def _finish(settings: Settings, claim: Claim, status: str, message: str, artifac
             for artifact in artifacts:
                 session.merge(artifact)
             add_event(session, claim.job_id, "status", message, data={"status": status})
-
-
-def _summary(metrics: dict) -> dict:
-    """The few numbers a job listing shows; metrics.json has everything."""
-    def pick(m: dict) -> dict:
-        keys = ("overall_accuracy", "worst_group_accuracy", "worst_group", "worst_class_accuracy", "worst_class")
-        return {k: m[k] for k in keys if k in m}
-
-    return {
-        "verdict": metrics["verdict"],
-        "erm": {split: pick(m) for split, m in metrics["erm"].items()},
-        "masktune": {split: pick(m) for split, m in metrics["masktune"].items()},
-    }
 
 
 @app.task(name=TASK_RUN_JOB)
@@ -224,32 +215,39 @@ def run_job(job_id: str) -> None:
 def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None:
     job_id = claim.job_id
     blobs = workspace.blobs
-    reporter = JobReporter(settings, claim, workspace)
     try:
         with session_scope(settings.database_url) as session:
             job = _by_id(session, Job, job_id)
             config = JobConfig.model_validate(job.config)
             dataset = _by_id(session, Dataset, job.dataset_id)
             model = _by_id(session, Model, job.model_id) if job.model_id else None
-            dataset_key, dataset_name = dataset.blob_key, dataset.filename
-            weights = (model.blob_key, Path(model.filename).suffix) if model else None
+            dataset_key, dataset_name, dataset_sha256 = dataset.blob_key, dataset.filename, dataset.sha256
+            cache = DatasetCache(blobs, settings.dataset_cache_dir, dataset.id, dataset.sha256)
+            weights = (model.blob_key, model.filename) if model else None
         restored = workspace.restore()  # the work of earlier attempts, from any machine
         if restored:
             with session_scope(settings.database_url) as session:
                 if claim.write(session):
                     add_event(session, job_id, "info", f"resuming from {restored} stored work files", data={"restored_files": restored})
-        data = workspace.root / "input" / f"dataset{''.join(Path(dataset_name).suffixes[-2:]) or '.bin'}"
+        data = workspace.root / rf.input_file("dataset", dataset_name)
         blobs.get_file(dataset_key, data)
         initial = None
         if weights:
-            initial = workspace.root / "input" / f"weights{weights[1]}"
+            initial = workspace.root / rf.input_file("weights", weights[1])
             blobs.get_file(weights[0], initial)
-        run = MaskTuneRun(data, workspace.root / "out", config, workdir=workspace.workdir, initial_weights=initial,
-                          device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel)
+        prune(settings.dataset_cache_dir, settings.work_retention_s)
+        reporter = JobReporter(settings, claim, workspace, after_prepare=lambda: cache.publish(run.input_size))
+        run = MaskTuneRun(data, workspace.root / rf.OUT, config, workdir=workspace.workdir, initial_weights=initial,
+                          device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel,
+                          cache_dir=settings.dataset_cache_dir, dataset_sha256=dataset_sha256)
+        if cache.fetch(run.input_size):
+            with session_scope(settings.database_url) as session:
+                if claim.write(session):
+                    add_event(session, job_id, "info", "fetched the decoded dataset from storage", stage="prepare")
         metrics = run.run()
         if not claim.beat():
             return  # taken over meanwhile: the new owner uploads its own artifacts
-        artifacts = _store_artifacts(blobs, job_id, workspace.root / "out")
+        artifacts = _store_artifacts(blobs, job_id, workspace.root / rf.OUT)
     except JobCancelled:
         if not claim.lost:
             _finish(settings, claim, "cancelled", "cancelled by request")
@@ -263,18 +261,17 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
                 error_message=f"{type(exc).__name__}: {str(exc)[:500]}")
         return
     _finish(settings, claim, "succeeded", metrics["verdict"]["message"], artifacts, progress=1.0,
-            metrics_summary=_summary(metrics))
+            metrics_summary=headline(metrics))
 
 
 def _store_artifacts(blobs: BlobStore, job_id: str, out_dir: Path) -> list[Artifact]:
     """Upload each artifact (atomically); returns the rows, which the terminal write records."""
     rows = []
-    for name in ARTIFACTS:
+    for name, content_type in rf.ARTIFACTS.items():
         path = out_dir / name
         if not path.exists():
             continue
         key = f"jobs/{job_id}/artifacts/{name}"
         size, sha256 = blobs.put_file(key, path)
-        rows.append(Artifact(job_id=job_id, name=name, blob_key=key, size_bytes=size, sha256=sha256,
-                             content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream")))
+        rows.append(Artifact(job_id=job_id, name=name, blob_key=key, size_bytes=size, sha256=sha256, content_type=content_type))
     return rows
