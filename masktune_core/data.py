@@ -263,7 +263,8 @@ def _index_celeba(root: Path, partition_file: Path, attr_file: Path, label_attri
     if label_attribute is None:
         found = Counter(split for name, split in partition.items() if name in present)
         overview = {"layout": "celeba", "attributes": attributes, "images": sum(found.values()),
-                    "partitions": {s: found.get(s, 0) for s in SPLITS}}
+                    "partitions": {s: found.get(s, 0) for s in SPLITS},
+                    "note": "jobs on this dataset must set data.label_attribute (data.group_attribute is optional)"}
         raise LabelAttributeRequired(
             f"the CelebA layout needs data.label_attribute (and optionally data.group_attribute); "
             f"attributes: {attributes}", overview)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .archive import extract_archive
+from .archive import ExtractionLimits, extract_archive
 from jobspec import JobConfig
 from .data import DecodedSplit, dataset_sha256, decode_dataset, index_dataset, summarize
 from .errors import ConfigError, DatasetError, JobCancelled
@@ -85,6 +85,7 @@ class MaskTuneRun:
         device: str | None = None,
         on_event: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        extraction_limits: ExtractionLimits | None = None,
     ):
         self.data = Path(data)
         self.out_dir = Path(out_dir)
@@ -94,6 +95,7 @@ class MaskTuneRun:
         self.device = pick_device(device)
         self.on_event = on_event or (lambda event: None)
         self.should_cancel = should_cancel or (lambda: False)
+        self.extraction_limits = extraction_limits or ExtractionLimits()
         self.input_size = resolve_input_size(self.config.model.architecture, self.config.data.input_size)
         if self.config.erm.epochs == 0 and self.initial_weights is None:
             raise ConfigError("erm.epochs = 0 skips ERM, which needs uploaded weights to start from")
@@ -183,13 +185,14 @@ class MaskTuneRun:
         if self.data.is_file():
             root = self.workdir / "dataset"
             shutil.rmtree(root, ignore_errors=True)
-            extract_archive(self.data, root)
+            extract_archive(self.data, root, self.extraction_limits)
         elif self.data.is_dir():
             root = self.data
         else:
             raise DatasetError(f"no dataset at {self.data}")
         cfg = self.config.data
-        index = index_dataset(root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=self.config.seed)
+        index = index_dataset(root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=self.config.seed,
+                              label_attribute=cfg.label_attribute, group_attribute=cfg.group_attribute)
         self._emit("progress", 0.3, f"decoding {sum(len(s) for s in index.splits.values())} images")
         decoded = decode_dataset(index, self.input_size)
         summary = summarize(index, decoded)
