@@ -5,7 +5,7 @@ A URL is compared only in its normalised form (scheme and bucket lower-cased, no
 segment, so ``s3://b/data`` never admits ``s3://b/data-other`` and no spelling of a key
 reaches past its prefix. The service's own blob store is always refused, in both
 directions: a URL inside it would name another tenant's upload, and a URL above it would
-list every tenant's files.
+list every tenant's files (compared without regard to case, to be safe on stores that ignore it).
 """
 
 from __future__ import annotations
@@ -70,7 +70,11 @@ def check_dataset_url(url: str, *, tenant: str, prefixes: dict[str, list[str]], 
 
 
 def inside_blob_store(url: str, blob_url: str) -> bool:
-    """True if ``url`` and the blob store overlap (the worker checks again before it reads)."""
+    """True if ``url`` and the blob store overlap (the worker checks again before it reads).
+
+    Compared case-insensitively: S3 keys are case-sensitive, but some compatible stores are not."""
     store = _store_parts(blob_url)
-    parts = split_url(url)
-    return store is not None and (_within(parts, store) or _within(store, parts))
+    if store is None:
+        return False
+    parts, store = tuple(p.casefold() for p in split_url(url)), tuple(p.casefold() for p in store)
+    return _within(parts, store) or _within(store, parts)
