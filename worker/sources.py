@@ -67,6 +67,7 @@ def list_url(url: str, blob_url: str, limits: ExtractionLimits) -> UrlListing:
     if inside_blob_store(url, blob_url):  # the API refused it already; a changed setting must not open it
         raise DatasetError("the dataset URL points into the service's own storage")
     fs, root = url_to_fs(url)
+    fs.invalidate_cache()  # a long-lived worker's cached listing would hide changed data
     root = root.rstrip("/")
     if _guard(url, lambda: fs.isfile(root)):
         info = _guard(url, lambda: fs.info(root))

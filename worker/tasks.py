@@ -25,7 +25,7 @@ from masktune_core.data import LabelAttributeRequired, decode_dataset, decode_im
 from masktune_core.errors import DatasetError
 
 from .celery_app import app
-from .sources import fetch_all, list_url, stand_in_tree
+from .sources import UrlListing, fetch_all, list_url, stand_in_tree
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _download_upload(settings: Settings, fields: dict, folder: Path) -> Path:
     return local
 
 
-def extraction_limits(settings: Settings) -> ExtractionLimits:
+def _extraction_limits(settings: Settings) -> ExtractionLimits:
     return ExtractionLimits(max_members=settings.archive_max_members, max_total_bytes=settings.archive_max_bytes,
                             max_member_ratio=settings.archive_max_ratio)
 
@@ -88,7 +88,7 @@ def _summarize_archive(archive: Path, limits: ExtractionLimits) -> dict:
     return summarize(index, decode_dataset(index, VALIDATION_SIZE))
 
 
-def _summarize_prefix(listing, root: Path) -> dict:
+def _summarize_prefix(listing: UrlListing, root: Path) -> dict:
     """Index the prefix from its listing and decode a seeded sample of its images."""
     stand_in_tree(listing, root)
     try:
@@ -116,7 +116,7 @@ def validate_dataset(dataset_id: str) -> None:
     """Index the dataset with masktune_core's reader and decode its images. An upload is unpacked;
     a URL is listed (worker.sources): an archive object is fetched, a prefix only sampled."""
     settings = get_settings()
-    limits = extraction_limits(settings)
+    limits = _extraction_limits(settings)
 
     def check(folder: Path, row: dict) -> dict:
         if row["source_url"] is None:
@@ -299,7 +299,7 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
             blobs.get_file(weights[0], initial)
         run = MaskTuneRun(data, workspace.root / "out", config, workdir=workspace.workdir, initial_weights=initial,
                           device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel,
-                          extraction_limits=extraction_limits(settings))
+                          extraction_limits=_extraction_limits(settings))
         metrics = run.run()
         if not claim.beat():
             return  # taken over meanwhile: the new owner uploads its own artifacts
@@ -327,7 +327,7 @@ def _fetch_dataset(settings: Settings, blobs: BlobStore, folder: Path, blob_key:
         data = folder / f"dataset{''.join(Path(filename).suffixes[-2:]) or '.bin'}"
         blobs.get_file(blob_key, data)
         return data
-    listing = list_url(source_url, settings.blob_url, extraction_limits(settings))
+    listing = list_url(source_url, settings.blob_url, _extraction_limits(settings))
     if listing.sha256 != sha256:
         raise DatasetError(f"the data at {source_url} changed after it was validated (files, sizes or ETags); "
                            "register it again to use it")

@@ -104,10 +104,9 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> sche
                responses=problems(401, 404, 409))
 def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, blobs: BlobsDep) -> Response:
     """Removes the archive and everything derived from it from storage (a URL dataset's own data is
-    never touched). Refused (409) while a
-    queued or running job uses it. A dataset that finished jobs reference stays as a hidden
-    record (status `deleted`, no data), so those jobs keep their history; it answers 404 like
-    any unknown id."""
+    never touched). Refused (409) while a queued or running job uses it. A dataset that finished
+    jobs reference stays as a hidden record (status `deleted`, no data), so those jobs keep their
+    history; it answers 404 like any unknown id."""
     # The row lock makes this wait for a job being created on the dataset right now (it
     # takes a share lock), so that job is seen as active below instead of losing its data.
     row = get_owned(session, tables.Dataset, dataset_id, tenant, lock="update")
