@@ -235,6 +235,28 @@ def test_celeba_rows_without_images_or_partition_are_skipped(tmp_path):
     assert sum(len(v) for v in idx.splits.values()) == 15
 
 
+def test_celeba_and_subpopbench_archives_unpack_and_index(tmp_path):
+    import zipfile
+
+    from masktune_core.archive import extract_archive
+
+    write_celeba(tmp_path / "celeba" / "celeba", n=16, fmt="csv")
+    subpop = tmp_path / "subpop" / "waterbirds"
+    rows = [(f"images/{split}_{y}_{a}.jpg", split, y, a) for split in (0, 1, 2) for y in (0, 1) for a in (0, 1)]
+    for name, _, y, _ in rows:
+        write_image(subpop / name, COLOURS[y], fmt="JPEG")
+    write_manifest(subpop, ["filename", "split", "y", "a"], rows)
+    for name in ("celeba", "subpop"):
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as zf:
+            for path in sorted((tmp_path / name).rglob("*")):
+                zf.write(path, path.relative_to(tmp_path / name))
+    celeba = index_dataset(extract_archive(tmp_path / "celeba.zip", tmp_path / "out-celeba"), label_attribute="Blond_Hair")
+    assert celeba.layout == "celeba" and sum(len(v) for v in celeba.splits.values()) == 16
+    subpop_index = index_dataset(extract_archive(tmp_path / "subpop.zip", tmp_path / "out-subpop"))
+    assert subpop_index.groups == ["y=0/a=0", "y=0/a=1", "y=1/a=0", "y=1/a=1"]
+    assert {s: len(v) for s, v in subpop_index.splits.items()} == {"train": 4, "val": 4, "test": 4}
+
+
 def test_celeba_index_of_200k_rows_is_fast(tmp_path):
     """CelebA's attribute file has 202,599 lines: indexing reads it once and lists the folder once."""
     import time
