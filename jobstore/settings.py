@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker; default: kombu's filesystem transport under data_dir/broker. Production: redis://host:6379/0.")
     work_dir: Path | None = Field(None, description="Worker's local scratch space for running jobs; default: data_dir/work.")
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload; larger requests get 413.")
-    archive_max_members: int = Field(1_000_000, ge=1, description="Files a dataset archive (or a dataset URL's listing) may hold; CelebA has 202,602.")
+    archive_max_members: int = Field(1_000_000, ge=1, description="Files a dataset archive (or a dataset URL's listing) may hold; CelebA has 202,599 images.")
     archive_max_bytes: int = Field(64 << 30, ge=1, description="Bytes a dataset archive may unpack to (or a dataset URL's objects may total); counted while unpacking.")
     archive_max_ratio: float = Field(250.0, gt=1, description="Largest unpacked/packed size ratio of an archive and of each zip member; past it the archive is a bomb.")
     dataset_url_prefixes: dict[str, list[str]] = Field(
