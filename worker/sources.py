@@ -78,7 +78,10 @@ def list_url(url: str, blob_url: str, limits: ExtractionLimits) -> UrlListing:
         found = _guard(url, lambda: fs.find(root, detail=True))
         files, tags, archive = [], [], False
         for path, info in sorted(found.items()):
-            rel = safe_member_path(path[len(root) + 1:]) if path.startswith(root + "/") else None
+            try:
+                rel = safe_member_path(path[len(root) + 1:]) if path.startswith(root + "/") else None
+            except DatasetError as exc:  # S3 keys may hold '..' or backslashes; no local path may
+                raise DatasetError(f"{url} holds a key that is not a safe relative path: {exc}") from None
             if rel is None or not rel.parts or info.get("type") == "directory":
                 continue
             files.append((path, rel, int(info.get("size") or 0)))
