@@ -151,6 +151,13 @@ def celeba_zip(root: Path, n: int) -> bytes:
     return zip_of({p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
 
 
+def test_a_key_that_is_no_safe_path_makes_the_dataset_invalid(alpha, s3):
+    s3.put_object(Bucket="masktune", Key="tenant-data/evil/train/a/1.png", Body=b"x")
+    s3.put_object(Bucket="masktune", Key="tenant-data/evil/train/a\\..\\..\\escape.png", Body=b"x")
+    dataset = register(alpha, "s3://masktune/tenant-data/evil/")
+    assert dataset["status"] == "invalid" and "not a safe relative path" in dataset["error"], dataset
+
+
 def test_archive_member_cap_setting_and_a_celeba_upload(alpha, tmp_path):
     over = upload_dataset(alpha, celeba_zip(tmp_path / "over", MEMBER_CAP - 1), "celeba.zip")  # + 2 list files
     assert over["status"] == "invalid" and f"more than {MEMBER_CAP} members" in over["error"], over
