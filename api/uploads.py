@@ -9,6 +9,7 @@ and kept in memory under tight caps.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import unicodedata
@@ -272,6 +273,24 @@ def read_form(body: Iterator[bytes], content_type: str, blobs: BlobStore, key: s
             except UnicodeDecodeError:
                 raise validation_problem([{"loc": ["body", name], "msg": "Not UTF-8 text.", "type": "value_error"}]) from None
     return form
+
+
+async def read_json_body(request: Request, limit: int = JSON_BODY_LIMIT) -> Any:
+    """The request body parsed as JSON, read at most ``limit`` bytes far (upload routes allow more)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ProblemError(413, "payload_too_large", f"A JSON body may hold at most {limit} bytes.")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not UTF-8 (a ValueError), not JSON, nested too deep
+        raise validation_problem([{"loc": ["body"], "msg": "The body is not valid JSON.", "type": "json_invalid"}]) from None
+
+
+def is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def _body_in_thread(request: Request) -> Iterator[bytes]:

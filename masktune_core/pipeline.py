@@ -214,7 +214,8 @@ class MaskTuneRun:
             self._emit("progress", 0.0, "unpacking the dataset")
             root = unpack_once(self.data, self.cache_dir, self.dataset_sha256, self.extraction_limits)
         cfg = self.config.data
-        index = index_dataset(root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=self.config.seed)
+        index = index_dataset(root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=self.config.seed,
+                              label_attribute=cfg.label_attribute, group_attribute=cfg.group_attribute)
         count = sum(len(s) for s in index.splits.values())
         self._emit("progress", 0.1, f"decoding {count} images at {self.input_size} px (or reusing them)")
         decoded = decode_dataset(index, self.input_size, self._decoded_folder(), should_cancel=self.should_cancel,

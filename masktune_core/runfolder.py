@@ -43,10 +43,12 @@ ERM_LAST = "erm/last.pt"
 TEMPORARY_MARK = ".tmp"
 
 
-def input_file(kind: str, filename: str) -> str:
-    """input/dataset.zip for kind 'dataset' and an upload called data.zip: the suffix tells the readers the format."""
-    suffixes = "".join(Path(filename).suffixes[-2:]) or ".bin"
-    return f"{INPUT}/{kind}{suffixes}"
+def input_file(kind: str, filename: str | None) -> str:
+    """input/dataset.zip for kind 'dataset' and an upload called data.zip (the suffix tells the readers
+    the format); input/dataset for a folder (filename None)."""
+    if filename is None:
+        return f"{INPUT}/{kind}"
+    return f"{INPUT}/{kind}{''.join(Path(filename).suffixes[-2:]) or '.bin'}"
 
 
 def finetune_checkpoint(iteration: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import tempfile
 import threading
@@ -19,16 +20,22 @@ from jobstore.jobs import add_event, claim_job, update_job
 from jobstore.models import Artifact, Dataset, Job, Model, utcnow
 from jobstore.settings import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE_MODEL, Settings, get_settings
 from masktune_core import JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
-from masktune_core.archive import extract_archive
-from masktune_core.data import index_dataset, inspect_images, summarize
 from masktune_core import runfolder as rf
+from masktune_core.archive import ExtractionLimits, extract_archive
+from masktune_core.data import LabelAttributeRequired, index_dataset, inspect_images, summarize
+from masktune_core.decoded import decode_image
+from masktune_core.errors import DatasetError
 from masktune_core.metrics import headline
 
 from .celery_app import app
 from .dataset_cache import DatasetCache, prune
+from .sources import UrlListing, fetch_all, list_url, stand_in_tree
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+VALIDATION_SIZE = 32  # decoding at a small size proves an image is readable without the full cost
+URL_SAMPLE_IMAGES = 64  # images of a URL dataset fetched and decoded by validation
 
 
 def _blobs(settings: Settings) -> BlobStore:
@@ -43,7 +50,7 @@ def _by_id(session, table, public_id: str):
 
 
 def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict]) -> None:
-    """Download an upload and ``check`` it: ready (plus the fields check returns) or invalid with the reason."""
+    """``check(scratch folder, row fields)``: ready (plus the fields check returns) or invalid with the reason."""
     settings = get_settings()
     with session_scope(settings.database_url) as session:
         row = _by_id(session, table, upload_id)
@@ -52,10 +59,8 @@ def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict])
         fields = {column.key: getattr(row, column.key) for column in table.__table__.columns}
     values: dict = {"status": "ready", "error": None}
     with tempfile.TemporaryDirectory(dir=_scratch(settings)) as tmp:
-        local = Path(tmp) / f"upload{Path(fields['filename']).suffix}"
         try:
-            _blobs(settings).get_file(fields["blob_key"], local)
-            values.update(check(local, fields))
+            values.update(check(Path(tmp), fields))
         except MaskTuneError as exc:
             values = {"status": "invalid", "error": str(exc)}
         except Exception as exc:  # a reader bug must not leave the upload validating forever
@@ -66,13 +71,65 @@ def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict])
                         .values(updated_at=utcnow(), **values))
 
 
+def _download_upload(settings: Settings, fields: dict, folder: Path) -> Path:
+    local = folder / f"upload{Path(fields['filename']).suffix}"
+    _blobs(settings).get_file(fields["blob_key"], local)
+    return local
+
+
+def _extraction_limits(settings: Settings) -> ExtractionLimits:
+    return ExtractionLimits(max_members=settings.archive_max_members, max_total_bytes=settings.archive_max_bytes,
+                            max_member_ratio=settings.archive_max_ratio)
+
+
+def _summarize_archive(archive: Path, limits: ExtractionLimits) -> dict:
+    root = extract_archive(archive, archive.parent / "unpacked", limits)
+    try:
+        index = index_dataset(root)
+    except LabelAttributeRequired as exc:  # CelebA: which attribute is the label is the job's choice
+        return exc.overview
+    return summarize(index, inspect_images(index))
+
+
+def _summarize_prefix(listing: UrlListing, root: Path) -> dict:
+    """Index the prefix from its listing and decode a seeded sample of its images."""
+    stand_in_tree(listing, root)
+    try:
+        summary = summarize(index_dataset(root))
+    except LabelAttributeRequired as exc:
+        summary = exc.overview
+    images = listing.images()
+    sample = random.Random(0).sample(images, min(URL_SAMPLE_IMAGES, len(images)))
+    listing.fetch([(remote, root.joinpath(*rel.parts)) for remote, rel, _ in sample])
+    unreadable = []
+    for _, rel, _ in sample:
+        try:
+            decode_image(root.joinpath(*rel.parts), VALIDATION_SIZE)
+        except (DatasetError, OSError, ValueError, SyntaxError) as exc:
+            unreadable.append({"file": str(rel), "reason": f"unreadable image: {exc}"})
+    if sample and len(unreadable) == len(sample):
+        raise DatasetError(f"none of the {len(sample)} sampled images could be read, e.g. {unreadable[0]['file']}: "
+                           f"{unreadable[0]['reason']}")
+    summary["sample"] = {"images": len(sample), "unreadable": unreadable}
+    return summary
+
+
 @app.task(name=TASK_VALIDATE_DATASET)
 def validate_dataset(dataset_id: str) -> None:
-    """Unpack and index the archive with masktune_core's reader; read every image's header and
-    decode a sample (the job's decode pass reports any image that fails later)."""
-    def check(archive: Path, _: dict) -> dict:
-        index = index_dataset(extract_archive(archive, archive.parent / "unpacked"))
-        return {"summary": summarize(index, inspect_images(index))}
+    """Index the dataset with masktune_core's reader; read every image's header and decode a sample
+    (the job's decode pass reports any image that fails later). An upload is unpacked; a URL is
+    listed (worker.sources): an archive object is fetched, a prefix only sampled."""
+    settings = get_settings()
+    limits = _extraction_limits(settings)
+
+    def check(folder: Path, row: dict) -> dict:
+        if row["source_url"] is None:
+            return {"summary": _summarize_archive(_download_upload(settings, row, folder), limits)}
+        listing = list_url(row["source_url"], settings.blob_url, limits)
+        found = {"size_bytes": listing.size_bytes, "sha256": listing.sha256}
+        if listing.archive:
+            return {**found, "summary": _summarize_archive(fetch_all(listing, folder / "dataset"), limits)}
+        return {**found, "summary": _summarize_prefix(listing, folder / "dataset")}
 
     _validate_upload(Dataset, dataset_id, check)
 
@@ -80,8 +137,8 @@ def validate_dataset(dataset_id: str) -> None:
 @app.task(name=TASK_VALIDATE_MODEL)
 def validate_model(model_id: str) -> None:
     """Load the weights into the named architecture, never unpickling code."""
-    def check(weights: Path, row: dict) -> dict:
-        load_weights(create_model(row["architecture"], row["num_classes"]), weights)
+    def check(folder: Path, row: dict) -> dict:
+        load_weights(create_model(row["architecture"], row["num_classes"]), _download_upload(get_settings(), row, folder))
         return {}
 
     _validate_upload(Model, model_id, check)
@@ -221,7 +278,7 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
             config = JobConfig.model_validate(job.config)
             dataset = _by_id(session, Dataset, job.dataset_id)
             model = _by_id(session, Model, job.model_id) if job.model_id else None
-            dataset_key, dataset_name, dataset_sha256 = dataset.blob_key, dataset.filename, dataset.sha256
+            source = (dataset.blob_key, dataset.filename, dataset.source_url, dataset.sha256)
             cache = DatasetCache(blobs, settings.dataset_cache_dir, dataset.id, dataset.sha256)
             weights = (model.blob_key, model.filename) if model else None
         restored = workspace.restore()  # the work of earlier attempts, from any machine
@@ -229,8 +286,7 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
             with session_scope(settings.database_url) as session:
                 if claim.write(session):
                     add_event(session, job_id, "info", f"resuming from {restored} stored work files", data={"restored_files": restored})
-        data = workspace.root / rf.input_file("dataset", dataset_name)
-        blobs.get_file(dataset_key, data)
+        data = _fetch_dataset(settings, blobs, workspace.root, *source)
         initial = None
         if weights:
             initial = workspace.root / rf.input_file("weights", weights[1])
@@ -239,7 +295,8 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
         reporter = JobReporter(settings, claim, workspace, after_prepare=lambda: cache.publish(run.input_size))
         run = MaskTuneRun(data, workspace.root / rf.OUT, config, workdir=workspace.workdir, initial_weights=initial,
                           device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel,
-                          cache_dir=settings.dataset_cache_dir, dataset_sha256=dataset_sha256)
+                          cache_dir=settings.dataset_cache_dir, dataset_sha256=source[3],
+                          extraction_limits=_extraction_limits(settings))
         if cache.fetch(run.input_size):
             with session_scope(settings.database_url) as session:
                 if claim.write(session):
@@ -262,6 +319,20 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
         return
     _finish(settings, claim, "succeeded", metrics["verdict"]["message"], artifacts, progress=1.0,
             metrics_summary=headline(metrics))
+
+
+def _fetch_dataset(settings: Settings, blobs: BlobStore, root: Path, blob_key: str | None, filename: str,
+                   source_url: str | None, sha256: str) -> Path:
+    """The job's dataset on local disk: the uploaded archive, or what lies at the URL (unchanged since validation)."""
+    if source_url is None:
+        data = root / rf.input_file("dataset", filename)
+        blobs.get_file(blob_key, data)
+        return data
+    listing = list_url(source_url, settings.blob_url, _extraction_limits(settings))
+    if listing.sha256 != sha256:
+        raise DatasetError(f"the data at {source_url} changed after it was validated (files, sizes or ETags); "
+                           "register it again to use it")
+    return fetch_all(listing, root / rf.input_file("dataset", None))
 
 
 def _store_artifacts(blobs: BlobStore, job_id: str, out_dir: Path) -> list[Artifact]:
