@@ -55,7 +55,7 @@ class ProgressBars:
         elif event.kind == "epoch" and self.bar is not None:
             self.bar.set_postfix_str(f"epoch {event.data['epoch']}/{event.data['epochs']} "
                                      f"loss {event.data['train_loss']:.3f} val_acc {event.data['val_accuracy']:.3f}")
-        elif event.kind == "warning":
+        elif event.kind in ("warning", "info"):
             tqdm.write(event.message, file=sys.stderr)
         if self.bar is not None:
             self.bar.update(round(100 * event.stage_progress) - self.bar.n)  # tqdm throttles redraws

@@ -9,8 +9,8 @@ archive (renamed into place once complete), and per input size an entry ``<S>px-
     progress.json  only while building: the chunks done so far, so a killed build resumes where it stopped
     verified.json  the images.npy (size, mtime) whose chunk checksums were last found right
 
-Decoding runs on every core in worker processes (a forkserver whose children import
-this module, not torch), each writing its chunk of rows straight into images.npy.
+Decoding runs on every core in worker processes, each writing its chunk of rows
+straight into images.npy.
 Labels, groups and splits are not in the entry: they come from the job's index, so
 every job on the same files and size shares one entry.
 """
@@ -237,9 +237,10 @@ def _children_allowed() -> Iterator[None]:
 
 def _executor(workers: int, rows: int) -> Executor:
     if workers > 1 and rows >= _PROCESS_POOL_MIN_ROWS:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        return ProcessPoolExecutor(workers, mp_context=context)
+        # fork: the children run only PIL and numpy (no torch, no CUDA), and CPython re-creates the
+        # import and logging locks in a forked child, so the parent's threads cannot block them.
+        # (forkserver and spawn pickle the parent's authkey, which a Celery child's billiard refuses.)
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     return ThreadPoolExecutor(max(1, workers))  # PIL releases the GIL while it decodes and resizes
 
 

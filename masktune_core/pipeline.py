@@ -48,7 +48,8 @@ _STAGE_WEIGHT = {"prepare": 0.05, "erm": 0.60, "saliency": 0.10, "finetune": 0.1
 
 @dataclass
 class ProgressEvent:
-    """kind: 'stage' (a stage starts), 'progress', 'epoch' (per-epoch metrics), 'warning', 'done'."""
+    """kind: 'stage' (a stage starts), 'progress', 'info' (a milestone worth keeping), 'epoch' (per-epoch metrics),
+    'warning', 'done'."""
 
     kind: str
     stage: str
@@ -232,7 +233,7 @@ class MaskTuneRun:
         })
         self._index, self._images = None, None
         reused = "reused the decoded images" if decoded.decoded_count == 0 else f"decoded {decoded.decoded_count} images"
-        self._emit("progress", 1.0, f"dataset ready ({reused})", decoded_images=decoded.decoded_count,
+        self._emit("info", 1.0, f"dataset ready ({reused})", decoded_images=decoded.decoded_count,
                    summary={k: summary[k] for k in ("classes", "groups", "splits")})
 
     def new_model(self) -> torch.nn.Module:

@@ -216,7 +216,7 @@ class JobReporter:
             return
         now = time.monotonic()
         # A resumed ERM reports where it picked up: kept as an event, so clients (and tests) see it.
-        keep = event.kind in ("stage", "epoch", "warning") or "resumed_from_epoch" in event.data
+        keep = event.kind in ("stage", "info", "epoch", "warning") or "resumed_from_epoch" in event.data
         if not keep and now - self._last_write < self.settings.progress_interval_s:
             return
         self._last_write = now
