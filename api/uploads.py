@@ -122,6 +122,19 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, watched_send)
 
 
+def keep_and_queue(session: Session, settings: Settings, row, task: str) -> None:
+    """Commit the new row, then queue its validation; if the queue is down, remove the row again (503)."""
+    session.add(row)
+    session.commit()
+    try:
+        send_task(settings, task, row.id)
+    except Exception as exc:
+        log.error("could not queue %s for %s: %r", task, row.id, exc)
+        session.delete(row)
+        session.commit()
+        raise ProblemError(503, "queue_unavailable", "The task queue is unreachable; nothing was kept, try again.") from None
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -362,15 +375,7 @@ async def accept_upload(request: Request, *, session: Session, settings: Setting
         used = storage_used(session, tenant)
         if used + form.file.size_bytes > quota:
             raise quota_exceeded(used, quota, form.file.size_bytes)
-        session.add(row)
-        session.commit()
-        try:
-            send_task(settings, task, row.id)
-        except Exception as exc:
-            log.error("could not queue %s for %s: %r", task, row.id, exc)
-            session.delete(row)
-            session.commit()
-            raise ProblemError(503, "queue_unavailable", "The task queue is unreachable; nothing was kept, try again.") from None
+        keep_and_queue(session, settings, row, task)
         done = True
         return row
 

@@ -12,8 +12,8 @@ from PIL import Image
 from helpers import (CELEBA_ATTRIBUTES, COLOURS, names, random_image, write_celeba, write_class_folder, write_image, write_manifest,
                      write_manifest_dataset)
 from masktune_core import decoded
-from masktune_core.data import (LabelAttributeRequired, augment, dataset_sha256, decode_dataset, index_dataset, normalize,
-                                summarize)
+from masktune_core.data import (LabelAttributeRequired, augment, dataset_sha256, decode_dataset, index_dataset, inspect_images,
+                                normalize, summarize)
 from masktune_core.errors import DatasetError
 
 # ---------------------------------------------------------------- ImageFolder
@@ -576,3 +576,20 @@ def test_normalize_imagenet():
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(normalize(x, "imagenet"), (x - mean) / std)
     assert torch.equal(normalize(x, "none"), x)
+
+
+def test_inspection_reads_every_header_and_decodes_a_sample(tmp_path):
+    write_class_folder(tmp_path / "train", {"a": 40, "b": 40})
+    write_class_folder(tmp_path / "val", {"a": 2, "b": 2})
+    good = random_image(tmp_path / "scratch.png", size=(16, 16)).read_bytes()
+    (tmp_path / "scratch.png").unlink()
+    (tmp_path / "train" / "a" / "cut.png").write_bytes(good[:60])  # a whole header, then nothing
+    (tmp_path / "train" / "b" / "text.png").write_bytes(b"not an image at all")
+    idx = index_dataset(tmp_path)
+    stats = inspect_images(idx, sample_size=5, seed=0)
+    # Headers: the text file is refused at once; the cut PNG has a valid header and is left to the decode pass.
+    assert [d["file"] for d in idx.skipped] == ["train/b/text.png"]
+    assert stats["modes"] == {"RGB": 85} and (stats["min_width"], stats["max_width"]) == (8, 16)
+    later = decode_dataset(idx, 8, tmp_path / "cache")
+    assert [d["file"] for d in idx.skipped] == ["train/b/text.png", "train/a/cut.png"]
+    assert len(later.splits["train"]) == 80

@@ -3,7 +3,6 @@ before jobs may use them."""
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import anyio.to_thread
@@ -21,10 +20,7 @@ from jobstore.settings import TASK_VALIDATE_DATASET, Settings
 from .. import schemas
 from ..deps import ACTIVE, BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems
-from ..queue import send_task
-from ..uploads import Form, accept_upload, is_json, read_json_body
-
-log = logging.getLogger("api")
+from ..uploads import Form, accept_upload, is_json, keep_and_queue, read_json_body
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -75,15 +71,7 @@ def _register_url(session: Session, settings: Settings, tenant: str, ds_id: str,
         raise ProblemError(422, "dataset_url_not_allowed", f"{exc}.") from None
     row = tables.Dataset(id=ds_id, tenant_id=tenant, filename=url.rsplit("/", 1)[-1], size_bytes=0, sha256="",
                          source_url=url, status="validating")
-    session.add(row)
-    session.commit()
-    try:
-        send_task(settings, TASK_VALIDATE_DATASET, row.id)
-    except Exception as exc:
-        log.error("could not queue %s for %s: %r", TASK_VALIDATE_DATASET, row.id, exc)
-        session.delete(row)
-        session.commit()
-        raise ProblemError(503, "queue_unavailable", "The task queue is unreachable; nothing was kept, try again.") from None
+    keep_and_queue(session, settings, row, TASK_VALIDATE_DATASET)
     return row
 
 
