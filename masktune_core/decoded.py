@@ -41,7 +41,7 @@ MAX_IMAGE_PIXELS = 64_000_000  # checked from the header, before any pixel is de
 RESIZE_RULE = "whole-bilinear-v1"  # resize the whole image (no crop), bilinear, after JPEG draft scaling
 _CHUNK_BYTES = 8 << 20
 _MAX_CHUNK_ROWS = 1024
-_PROCESS_POOL_MIN_ROWS = 2048  # below this, starting worker processes costs more than it saves
+_PROCESS_POOL_MIN_ROWS = 256  # below this, starting worker processes costs more than it saves
 _PROGRESS_EVERY_S = 5.0
 _IMAGES, _ROWS, _META, _PROGRESS, _VERIFIED = "images.npy", "rows.json", "meta.json", "progress.json", "verified.json"
 

@@ -32,6 +32,7 @@ from .data import SplitRows, dataset_sha256, decode_dataset, index_dataset, summ
 from .decoded import DecodedImages, bad_chunks, entry_dir, unpack_once
 from .errors import ConfigError, DatasetError, JobCancelled
 from .masking import pack_masks, threshold_masks, unpack_masks
+from .memory import map_large_buffers
 from .metrics import group_shares, selective_classification, split_metrics, verdict
 from .models import create_model, load_weights, resolve_input_size, save_weights
 from .previews import render_previews
@@ -167,6 +168,7 @@ class MaskTuneRun:
         """Run the unfinished stages; returns metrics.json's content."""
         if not self.data.exists():
             raise DatasetError(f"no dataset at {self.data}")
+        map_large_buffers()
         self.dataset_sha256 = self.dataset_sha256 or dataset_sha256(self.data)
         self.workdir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()

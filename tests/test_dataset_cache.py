@@ -13,7 +13,7 @@ from stack import running
 from test_service_e2e import run_job, upload_dataset, zip_dir
 
 JOB = {"erm": {"epochs": 1, "batch_size": 256}, "masking": {"batch_size": 256}, "preview_count": 2}
-IMAGES = 2200  # past the size from which decoding runs in worker processes
+IMAGES = 600  # past the size from which decoding runs in worker processes
 
 
 @pytest.fixture(scope="module")
