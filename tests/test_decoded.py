@@ -112,8 +112,8 @@ def test_a_build_killed_with_sigkill_resumes_and_matches_a_clean_build(tmp_path,
     assert decoded == 120 - 2 * done_before
     clean, _ = decode_once(files, tmp_path / "clean" / "entry", 64, workers=2)
     assert np.array_equal(entry.read(range(120)), clean.read(range(120)))
-    assert json.loads((folder / "meta.json").read_text())["chunk_sha256"] == \
-        json.loads((tmp_path / "clean" / "entry" / "meta.json").read_text())["chunk_sha256"]
+    assert json.loads((folder / "meta.json").read_text())["chunk_crc32"] == \
+        json.loads((tmp_path / "clean" / "entry" / "meta.json").read_text())["chunk_crc32"]
 
 
 def test_corrupted_chunk_is_found_by_its_checksum_and_decoded_again(tmp_path, monkeypatch):
