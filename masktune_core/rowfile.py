@@ -17,6 +17,7 @@ import numpy as np
 
 class RowFile:
     def __init__(self, path: str | Path, *, writable: bool = False):
+        self._fd = -1  # until the file proves to be what its header says
         self.path = Path(path)
         with open(self.path, "rb") as fh:
             major, _ = np.lib.format.read_magic(fh)
