@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import write_image
+from jobstore.blobs import BlobStore
 from stack import running
+from worker.dataset_cache import DatasetCache, prune
 from test_service_e2e import run_job, upload_dataset, zip_dir
 
 JOB = {"erm": {"epochs": 1, "batch_size": 256}, "masking": {"batch_size": 256}, "preview_count": 2}
@@ -70,3 +72,20 @@ def test_jobs_on_one_dataset_decode_it_once_on_any_machine(stack, client, datase
     assert third["status"] == "succeeded"
     assert {"fetched the decoded dataset from storage", "dataset ready (reused the decoded images)"} <= set(messages(client, third))
     assert first["metrics"] == second["metrics"] == third["metrics"]
+
+
+def test_prune_removes_idle_datasets_but_never_one_a_job_holds(tmp_path):
+    blobs = BlobStore(str(tmp_path / "blobs"))
+    root = tmp_path / "datasets"
+    held, idle = (DatasetCache(blobs, root, f"ds_{c}", c * 64) for c in "ab")
+    for cache in (held, idle):
+        (root / cache.sha256 / "files").mkdir(parents=True)
+        with cache.in_use():
+            pass
+    with held.in_use():
+        prune(root, max_idle_s=0)  # both are past the idle time; one is in use
+        assert (root / held.sha256).exists() and not (root / idle.sha256).exists()
+    prune(root, max_idle_s=3600)  # recently used: kept
+    assert (root / held.sha256).exists()
+    prune(root, max_idle_s=0)
+    assert not (root / held.sha256).exists()

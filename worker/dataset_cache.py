@@ -9,11 +9,14 @@ removes local datasets that no job has used for a while.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from jobstore.blobs import BlobStore
 from masktune_core.decoded import entry_dir, entry_files, entry_name, locked
@@ -28,6 +31,15 @@ class DatasetCache:
         self.dataset_id = dataset_id
         self.sha256 = dataset_sha256
 
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold the dataset's local copy for a job: ``prune`` leaves it alone meanwhile."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(_in_use_file(self.root, self.sha256), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            os.utime(lock.name)
+            yield
+
     def _prefix(self, size: int) -> str:
         return f"datasets/{self.dataset_id}/decoded/{entry_name(size)}"
 
@@ -38,8 +50,6 @@ class DatasetCache:
         copy is decoded again (and published again).
         """
         folder = entry_dir(self.root, self.sha256, size)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.utime(folder.parent)  # in use: see prune
         meta = entry_files()[-1]
         with locked(folder):
             if (folder / meta).exists() or not self.blobs.exists(f"{self._prefix(size)}/{meta}"):
@@ -62,16 +72,23 @@ class DatasetCache:
             self.blobs.put_file(f"{self._prefix(size)}/{name}", folder / name)
 
 
-def prune(root: Path, max_idle_s: float) -> None:
-    """Remove local datasets (unpacked files and decoded entries) unused for ``max_idle_s``.
+def _in_use_file(root: Path, dataset_sha256: str) -> Path:
+    return root / f"{dataset_sha256}.in-use"
 
-    A dataset folder's mtime is refreshed whenever a job starts on it (``fetch``), so a
-    dataset goes only when no job has started on it for ``max_idle_s``.
-    """
-    if not root.exists():
-        return
+
+def prune(root: Path, max_idle_s: float) -> None:
+    """Remove local datasets (unpacked files and decoded entries) no job has started on for
+    ``max_idle_s``, skipping any that a running job holds (``DatasetCache.in_use``)."""
     cutoff = time.time() - max_idle_s
-    for folder in root.iterdir():
-        if folder.is_dir() and folder.stat().st_mtime < cutoff:
-            log.info("removing the local copy of dataset %s (unused)", folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
+    for lock_path in root.glob("*.in-use") if root.exists() else []:
+        folder = root / lock_path.stem
+        if not folder.exists():
+            continue  # the lock file stays: a job waiting on it holds this very inode
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a job on this machine uses it
+            if lock_path.stat().st_mtime < cutoff:
+                log.info("removing the local copy of dataset %s (unused)", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)

@@ -291,17 +291,18 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
         if weights:
             initial = workspace.root / rf.input_file("weights", weights[1])
             blobs.get_file(weights[0], initial)
-        prune(settings.dataset_cache_dir, settings.work_retention_s)
-        reporter = JobReporter(settings, claim, workspace, after_prepare=lambda: cache.publish(run.input_size))
-        run = MaskTuneRun(data, workspace.root / rf.OUT, config, workdir=workspace.workdir, initial_weights=initial,
-                          device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel,
-                          cache_dir=settings.dataset_cache_dir, dataset_sha256=source[3],
-                          extraction_limits=_extraction_limits(settings))
-        if cache.fetch(run.input_size):
-            with session_scope(settings.database_url) as session:
-                if claim.write(session):
-                    add_event(session, job_id, "info", "fetched the decoded dataset from storage", stage="prepare")
-        metrics = run.run()
+        with cache.in_use():
+            prune(settings.dataset_cache_dir, settings.work_retention_s)
+            reporter = JobReporter(settings, claim, workspace, after_prepare=lambda: cache.publish(run.input_size))
+            run = MaskTuneRun(data, workspace.root / rf.OUT, config, workdir=workspace.workdir, initial_weights=initial,
+                              device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel,
+                              cache_dir=settings.dataset_cache_dir, dataset_sha256=source[3],
+                              extraction_limits=_extraction_limits(settings))
+            if cache.fetch(run.input_size):
+                with session_scope(settings.database_url) as session:
+                    if claim.write(session):
+                        add_event(session, job_id, "info", "fetched the decoded dataset from storage", stage="prepare")
+            metrics = run.run()
         if not claim.beat():
             return  # taken over meanwhile: the new owner uploads its own artifacts
         artifacts = _store_artifacts(blobs, job_id, workspace.root / rf.OUT)
