@@ -22,10 +22,14 @@ import torch
 from .archive import extract_archive
 from jobspec import JobConfig
 from .data import DecodedSplit, dataset_sha256, decode_dataset, index_dataset, summarize
-from .errors import ConfigError, DatasetError, JobCancelled
+from .errors import ConfigError, DatasetError, JobCancelled, PretrainedWeightsMissing
 from .masking import apply_masks, threshold_masks
 from .metrics import group_shares, selective_classification, split_metrics, verdict
-from .models import create_model, load_weights, resolve_input_size, save_weights
+from .model_card import write_model_card
+from .models import (
+    create_model, load_state, load_weights, pretrained_location, pretrained_state_dict, resolve_input_size,
+    saliency_target_layer, saliency_target_name, save_weights,
+)
 from .previews import render_previews
 from .saliency import saliency_maps
 from .training import (
@@ -35,7 +39,7 @@ from .training import (
 
 STAGES = ("prepare", "erm", "saliency", "finetune", "evaluate", "export")
 _STAGE_WEIGHT = {"prepare": 0.05, "erm": 0.60, "saliency": 0.10, "finetune": 0.15, "evaluate": 0.08, "export": 0.02}
-ARTIFACTS = ("metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json")
+ARTIFACTS = ("metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json")
 
 
 @dataclass
@@ -55,7 +59,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def library_versions() -> dict[str, str]:
-    names = ["torch", "torchvision", "grad-cam", "numpy", "pillow", "safetensors", "pydantic", "masktune-service"]
+    names = ["torch", "torchvision", "timm", "grad-cam", "numpy", "pillow", "safetensors", "pydantic", "masktune-service"]
     versions = {"python": platform.python_version()}
     for name in names:
         try:
@@ -97,6 +101,11 @@ class MaskTuneRun:
         self.input_size = resolve_input_size(self.config.model.architecture, self.config.data.input_size)
         if self.config.erm.epochs == 0 and self.initial_weights is None:
             raise ConfigError("erm.epochs = 0 skips ERM, which needs uploaded weights to start from")
+        if self.config.model.pretrained:  # fail before any work when the cache lacks them
+            found, expected = pretrained_location(self.config.model.architecture)
+            if found is None:
+                raise PretrainedWeightsMissing(
+                    f"pretrained weights for {self.config.model.architecture} are not on this machine: expected {expected}")
         self._prepared: dict | None = None
         self._stage = "prepare"
         self._done_weight = 0.0
@@ -213,14 +222,31 @@ class MaskTuneRun:
     def new_model(self) -> torch.nn.Module:
         return create_model(self.config.model.architecture, len(self.prepared["classes"]), self.input_size)
 
+    def _load_start(self, model: torch.nn.Module) -> None:
+        """Uploaded weights or the cached ImageNet weights, if the config asks for either."""
+        cfg = self.config.model
+        if self.initial_weights:
+            replaced = load_weights(model, self.initial_weights, head=cfg.head, architecture=cfg.architecture)
+            source = "the uploaded weights"
+        elif cfg.pretrained:
+            replaced = load_state(model, pretrained_state_dict(cfg.architecture), head="replace", architecture=cfg.architecture)
+            source = f"the ImageNet weights of {cfg.architecture}"
+        else:
+            return
+        classes = len(self.prepared["classes"])
+        message = f"started from {source}" + (f" with a fresh {classes}-class head" if replaced else "")
+        self._emit("progress", 0.0, message, head_replaced=replaced)
+
     def _stage_erm(self) -> None:
         cfg = self.config.erm
         erm_dir = self.workdir / "erm"
         erm_dir.mkdir(exist_ok=True)
         torch.manual_seed(self.config.seed)
         model = self.new_model()
-        if self.initial_weights:
-            load_weights(model, self.initial_weights)
+        # Refuses models xGradCAM cannot read (vision transformers) before ERM, not after it.
+        saliency_target_name(model, self.config.model.architecture, self.input_size)
+        if not (erm_dir / "last.pt").exists():
+            self._load_start(model)
         model.to(self.device)
         optimizer = make_optimizer(model, cfg)
         train, val = self.split("train"), self.split("val")
@@ -259,7 +285,7 @@ class MaskTuneRun:
         model = self.new_model()
         load_checkpoint(self._masking_source(iteration), model)
         model.to(self.device)
-        target = model.saliency_target_layer()
+        target = saliency_target_layer(model, self.config.model.architecture, self.input_size)
         train = self.split("train")
         images = train.images
         previous = None
@@ -380,6 +406,8 @@ class MaskTuneRun:
             "dataset_summary": self.prepared["summary"],
             "versions": library_versions(),
         })
+        write_model_card(self.out_dir / "model_card.json", self.config.model.architecture, self.prepared["classes"],
+                         self.input_size, self.config.data.normalization)
         shutil.copyfile(self.workdir / "metrics.json", self.out_dir / "metrics.json.tmp")
         (self.out_dir / "metrics.json.tmp").replace(self.out_dir / "metrics.json")
 

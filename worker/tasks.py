@@ -21,6 +21,7 @@ from jobstore.settings import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE
 from masktune_core import ARTIFACTS, JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
 from masktune_core.archive import extract_archive
 from masktune_core.data import decode_dataset, index_dataset, summarize
+from masktune_core.models import resolve_input_size, saliency_target_name
 
 from .celery_app import app
 from .workspace import Workspace
@@ -78,9 +79,12 @@ def validate_dataset(dataset_id: str) -> None:
 
 @app.task(name=TASK_VALIDATE_MODEL)
 def validate_model(model_id: str) -> None:
-    """Load the weights into the named architecture, never unpickling code."""
+    """Load the weights strict into the named architecture (library key layout, wrappers undone), never unpickling code."""
     def check(weights: Path, row: dict) -> dict:
-        load_weights(create_model(row["architecture"], row["num_classes"]), weights)
+        architecture = row["architecture"]
+        model = create_model(architecture, row["num_classes"])
+        saliency_target_name(model, architecture, resolve_input_size(architecture, None))  # refuses transformers
+        load_weights(model, weights, architecture=architecture)
         return {}
 
     _validate_upload(Model, model_id, check)
