@@ -218,7 +218,10 @@ def saliency_target_name(model: nn.Module, name: str, input_size: int) -> str:
     """The submodule whose output xGradCAM reads, for architecture ``name`` at ``input_size``."""
     if name == "small_cnn":
         return f"backbone.{len(model.backbone) - 3}"  # the ReLU after the fourth conv (8x8 at 28 px)
-    outputs = _probe(model, input_size)
+    try:
+        outputs = _probe(model, input_size)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ModelError(f"{name} cannot run on {input_size} px inputs: {str(exc).splitlines()[0][:200]}") from exc
     if isinstance(model, torchvision.models.ResNet):
         return _resnet_target(model, outputs)
     if get_architecture(name).library == "timm":
@@ -372,8 +375,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], head: str = "ke
     expected = model.state_dict()
     missing, unexpected, mismatched = _differences(state, expected)
     replaced = False
-    if head == "replace" and (missing or unexpected or mismatched):
-        name = head_name(model)
+    name = head_name(model)
+    file_head = state.get(f"{name}.weight")
+    # Only a head that differs in its class count is replaced: another input width means another model.
+    if (head == "replace" and (missing or unexpected or mismatched) and file_head is not None
+            and file_head.shape[1:] == expected[f"{name}.weight"].shape[1:]):
         state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
         state.update({k: v for k, v in expected.items() if k.startswith(name + ".")})
         missing, unexpected, mismatched = _differences(state, expected)
@@ -388,7 +394,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], head: str = "ke
                                                for k in mismatched]))
     if problems:
         raise ModelError("the weights do not fit the architecture: " + "; ".join(problems) + "."
-                         + _advice(state, expected, head_name(model), missing, unexpected, mismatched, architecture))
+                         + _advice(state, expected, name, missing, unexpected, mismatched, architecture))
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ModelError(f"the weights contain NaN or Inf values in {bad[:10]}")
@@ -407,10 +413,19 @@ def load_weights(model: nn.Module, path: str | Path, head: str = "keep", archite
 
 def _cached_timm_names() -> list[str]:
     """timm models whose weights are in the Hugging Face hub cache (models--timm--<name>)."""
+    import timm
+
     cache = _hf_hub_cache()
-    if not cache.is_dir():
-        return []
-    return sorted(TIMM_PREFIX + p.name.removeprefix("models--timm--") for p in cache.glob("models--timm--*"))
+    names = set()
+    for path in cache.glob("models--timm--*") if cache.is_dir() else []:
+        full = path.name.removeprefix("models--timm--")
+        base = full.split(".")[0]
+        if not timm.is_model(base):
+            continue
+        names.add(TIMM_PREFIX + full)
+        if getattr(timm.models.get_pretrained_cfg(base), "hf_hub_id", None) == f"timm/{full}":
+            names.add(TIMM_PREFIX + base)  # the default weights of timm/<base>, which model.pretrained loads
+    return sorted(names)
 
 
 def describe_architecture(name: str) -> dict:
