@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+import timm
 import torch
 import torchvision
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -103,8 +105,6 @@ def architectures() -> dict[str, Architecture]:
 
 @lru_cache(maxsize=None)
 def _timm_architecture(name: str) -> Architecture:
-    import timm
-
     timm_name = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(timm_name):
         raise ModelError(f"timm has no model {timm_name!r} (timm {timm.__version__}); see timm.list_models()")
@@ -252,9 +252,6 @@ def pretrained_location(name: str) -> tuple[Path | None, str]:
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
         return (path if path.is_file() else None), f"{path} (download {weights.url} into $TORCH_HOME/hub/checkpoints/)"
     if arch.library == "timm":
-        import timm
-        from huggingface_hub import try_to_load_from_cache
-
         cfg = timm.models.get_pretrained_cfg(arch.library_name)
         if cfg is None or not cfg.hf_hub_id:
             raise ModelError(f"timm has no pretrained weights for {arch.library_name}")
@@ -278,8 +275,6 @@ def pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:
         # The builder with weights runs torchvision's own key fixes (DenseNet); the file is there, so no download.
         weights = torchvision.models.get_model_weights(arch.library_name).DEFAULT
         return torchvision.models.get_model(arch.library_name, weights=weights).state_dict()
-    import timm
-
     model = timm.create_model(arch.library_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     return model.state_dict()
 
@@ -358,9 +353,7 @@ def _advice(state, expected, head: str, missing, unexpected, mismatched, archite
         return (f" The file's head ({head}) fits neither this architecture ({tuple(w.shape)} vs "
                 f"{tuple(expected[f'{head}.weight'].shape)}) nor any class count: it was trained for another model.")
     if architecture and get_architecture(architecture).library == "torchvision":
-        import timm
-
-        if timm.is_model(architecture):
+            if timm.is_model(architecture):
             with torch.device("meta"):
                 timm_keys = set(timm.create_model(architecture).state_dict())
             if len(timm_keys & set(state)) > len(set(expected) & set(state)):
@@ -413,8 +406,6 @@ def load_weights(model: nn.Module, path: str | Path, head: str = "keep", archite
 
 def _cached_timm_names() -> list[str]:
     """timm models whose weights are in the Hugging Face hub cache (models--timm--<name>)."""
-    import timm
-
     cache = _hf_hub_cache()
     names = set()
     for path in cache.glob("models--timm--*") if cache.is_dir() else []:
@@ -450,8 +441,6 @@ def describe_architecture(name: str) -> dict:
 
 def architecture_catalog() -> dict:
     """The registry plus the timm models with cached weights, as the workers report it to the API."""
-    import timm
-
     names = [*_REGISTRY, *_cached_timm_names()]
     return {"architectures": [describe_architecture(n) for n in names],
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}}

@@ -234,8 +234,11 @@ class MaskTuneRun:
         else:
             return
         classes = len(self.prepared["classes"])
-        message = f"started from {source}" + (f" with a fresh {classes}-class head" if replaced else "")
-        self._emit("progress", 0.0, message, head_replaced=replaced)
+        if replaced:  # a warning, so the job's events always keep it: the head starts untrained
+            self._emit("warning", 0.0, f"started from {source} with a fresh {classes}-class head "
+                       "(the file's head had another class count)", head_replaced=True)
+        else:
+            self._emit("progress", 0.0, f"started from {source}", head_replaced=False)
 
     def _stage_erm(self) -> None:
         cfg = self.config.erm

@@ -61,7 +61,7 @@ class Stack:
                 MASKTUNE_VALIDATION_QUEUE=f"test.validation.{tag}",
             )
         # The architecture report costs a worker start ~20 s of CPU; tests of it turn it back on.
-        self.env.update(MASKTUNE_PROGRESS_INTERVAL_S="0.2", MASKTUNE_REPORT_CATALOG="0", **extra_env)
+        self.env.update({"MASKTUNE_PROGRESS_INTERVAL_S": "0.2", "MASKTUNE_REPORT_CATALOG": "0", **extra_env})
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}

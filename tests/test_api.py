@@ -281,7 +281,7 @@ def test_dataset_delete(stack, a):
 
 def test_model_uploads(stack, a, b, queues):
     assert_problem(upload_model(a, filename="weights.pkl"), 415, "unsupported_media_type")
-    body = assert_problem(upload_model(a, architecture="vgg16"), 422, "validation_error")
+    body = assert_problem(upload_model(a, architecture="vgg_nonexistent"), 422, "validation_error")
     assert body["errors"][0]["loc"] == ["body", "architecture"]
     body = assert_problem(upload_model(a, num_classes="1"), 422, "validation_error")
     assert body["errors"][0]["loc"] == ["body", "num_classes"]
@@ -307,7 +307,7 @@ def test_invalid_job_bodies_are_problems(a, b, dataset_a):
         ({"dataset_id": dataset_a, "learning_rate": 0.1}, 422, "validation_error"),
         ({"dataset_id": dataset_a, "erm": {"lr": 100}}, 422, "validation_error"),
         ({"dataset_id": dataset_a, "erm": {"lr": 0.1, "unknown": 1}}, 422, "validation_error"),
-        ({"dataset_id": dataset_a, "model": {"architecture": "vgg16"}}, 422, "validation_error"),
+        ({"dataset_id": dataset_a, "model": {"architecture": "vgg_nonexistent"}}, 422, "validation_error"),
         ({"dataset_id": dataset_a, "erm": {"epochs": 0}}, 422, "validation_error"),
         ({"erm": {"lr": 0.1}}, 422, "validation_error"),
         ({"dataset_id": "ds_unknown"}, 404, "not_found"),

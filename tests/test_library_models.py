@@ -16,11 +16,11 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from jobspec import ARCHITECTURES, PRESETS, JobConfig
+from jobspec import PRESETS, JobConfig
 from masktune_core.errors import ModelError, PretrainedWeightsMissing
 from masktune_core.model_card import model_card
 from masktune_core.models import (
-    _cached_timm_names, architectures, create_model, describe_architecture, load_weights, pretrained_location, pretrained_state_dict,
+    _cached_timm_names, create_model, describe_architecture, load_weights, pretrained_location, pretrained_state_dict,
     save_weights,
 )
 
@@ -35,10 +35,6 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def _tv_resnet18(num_classes=2, seed=0):
     torch.manual_seed(seed)
     return torchvision.models.resnet18(num_classes=num_classes).eval()
-
-
-def test_registry_matches_the_contract():
-    assert tuple(architectures()) == ARCHITECTURES
 
 
 def test_torchvision_state_dict_loads_as_is_and_ours_loads_into_torchvision(tmp_path):
