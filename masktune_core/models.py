@@ -261,7 +261,8 @@ def pretrained_location(name: str) -> tuple[Path | None, str]:
             if isinstance(found, str):
                 return Path(found), found
         return None, (f"{cache}/models--{cfg.hf_hub_id.replace('/', '--')}/snapshots/<revision>/model.safetensors "
-                      f"(run `huggingface-cli download {cfg.hf_hub_id}` with HF_HOME set to the weights volume)")
+                      f"(on a connected machine, with HF_HOME pointing at the weights volume: python -c "
+                      f"\"from huggingface_hub import snapshot_download; snapshot_download('{cfg.hf_hub_id}')\")")
     raise ModelError(f"{name} has no ImageNet weights (only torchvision's and timm's standard architectures do)")
 
 
@@ -352,12 +353,11 @@ def _advice(state, expected, head: str, missing, unexpected, mismatched, archite
                     "and create the job with model.head='replace' to put a fresh head for your classes on it.")
         return (f" The file's head ({head}) fits neither this architecture ({tuple(w.shape)} vs "
                 f"{tuple(expected[f'{head}.weight'].shape)}) nor any class count: it was trained for another model.")
-    if architecture and get_architecture(architecture).library == "torchvision":
-            if timm.is_model(architecture):
-            with torch.device("meta"):
-                timm_keys = set(timm.create_model(architecture).state_dict())
-            if len(timm_keys & set(state)) > len(set(expected) & set(state)):
-                return f" The keys are timm's layout: upload it with architecture={TIMM_PREFIX}{architecture}."
+    if architecture and get_architecture(architecture).library == "torchvision" and timm.is_model(architecture):
+        with torch.device("meta"):
+            timm_keys = set(timm.create_model(architecture).state_dict())
+        if len(timm_keys & set(state)) > len(set(expected) & set(state)):
+            return f" The keys are timm's layout: upload it with architecture={TIMM_PREFIX}{architecture}."
     return ""
 
 
