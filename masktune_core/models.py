@@ -9,6 +9,7 @@ The xGradCAM target layer is found from outside (``saliency_target_name``).
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -108,7 +109,8 @@ def _timm_architecture(name: str) -> Architecture:
     timm_name = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(timm_name):
         raise ModelError(f"timm has no model {timm_name!r} (timm {timm.__version__}); see timm.list_models()")
-    size = timm.models.get_pretrained_cfg(timm_name).input_size[-1] if timm.models.get_pretrained_cfg(timm_name) else 224
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    size = cfg.input_size[-1] if cfg else 224
     return Architecture(name, "timm", timm_name, lambda n, s: timm.create_model(timm_name, num_classes=n),
                         size, 32, f"timm {timm_name}")
 
@@ -150,7 +152,7 @@ class _Output:
 def _probe(model: nn.Module, input_size: int) -> dict[str, _Output]:
     """Every submodule's output shape on one zero image (eval mode, no graph; meta models stay on meta)."""
     outputs: dict[str, _Output] = {}
-    finished = iter(range(10**9))
+    finished = itertools.count()
 
     def record(name):
         def hook(module, args, output):

@@ -150,6 +150,17 @@ def test_torchvision_pretrained_from_the_torch_hub_cache(tmp_path, monkeypatch):
     assert all(torch.equal(state[k], v) for k, v in planted.items())
 
 
+def test_a_run_asking_for_missing_pretrained_weights_fails_before_any_work(tmp_path, monkeypatch):
+    from masktune_core import JobConfig as Config, MaskTuneRun
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    config = Config.model_validate({"model": {"architecture": "resnet18", "pretrained": True}})
+    with pytest.raises(PretrainedWeightsMissing) as err:
+        MaskTuneRun(tmp_path / "data.zip", tmp_path / "out", config)
+    assert err.value.code == "pretrained_weights_missing"
+    assert str(tmp_path / "empty" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(err.value)
+
+
 def plant_timm_weights(hub_cache, name: str, model: torch.nn.Module) -> None:
     """What `huggingface-cli download timm/<name>` leaves in the hub cache."""
     repo = hub_cache / f"models--timm--{name}"
