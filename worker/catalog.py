@@ -19,14 +19,13 @@ from celery.signals import worker_ready
 from jobstore.db import session_scope
 from jobstore.models import WorkerCatalog, utcnow
 from jobstore.settings import get_settings
+from masktune_core.models import architecture_catalog
 
 log = logging.getLogger(__name__)
 _reporters: list[subprocess.Popen] = []  # kept so that the finished process is reaped
 
 
 def report_catalog(hostname: str) -> None:
-    from masktune_core.models import architecture_catalog
-
     catalog = architecture_catalog()
     with session_scope(get_settings().database_url) as session:
         session.merge(WorkerCatalog(hostname=hostname, catalog=catalog, reported_at=utcnow()))
