@@ -63,6 +63,19 @@ def test_timm_state_dict_loads_as_is_and_ours_loads_into_timm(tmp_path):
     assert _same(plain, theirs)
 
 
+@pytest.mark.parametrize("name", ["densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "regnet_x_400mf"])
+def test_every_family_round_trips_through_the_library_layout(tmp_path, name):
+    torch.manual_seed(0)
+    theirs = torchvision.models.get_model(name, num_classes=3).eval()
+    torch.save(theirs.state_dict(), tmp_path / "in.pt")
+    ours = create_model(name, 3)
+    load_weights(ours, tmp_path / "in.pt", architecture=name)
+    save_weights(ours, tmp_path / "out.safetensors")
+    plain = torchvision.models.get_model(name, num_classes=3)
+    plain.load_state_dict(load_file(tmp_path / "out.safetensors"))
+    assert _same(plain, theirs)
+
+
 @pytest.mark.parametrize("wrap", [
     lambda sd: {f"module.{k}": v for k, v in sd.items()},  # DataParallel / DDP
     lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3},  # Lightning
