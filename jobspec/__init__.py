@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Architecture names of masktune_core's model registry, the part of it the contract needs:
 # the API checks uploads and job bodies against these without importing torch
-# (tests/test_models.py keeps them equal to the registry).
+# (tests/test_config.py keeps them equal to the registry).
 # torchvision's classification CNNs, by family, in torchvision's own names; resnet*_small are
 # torchvision ResNets with a 3x3 stem and no max-pool for inputs <= 64 px.
 TORCHVISION_ARCHITECTURES: tuple[str, ...] = (
@@ -64,8 +64,8 @@ class ModelConfig(_Strict):
         False,
         description="Start from the architecture's ImageNet weights, read from the workers' local caches "
         "(torchvision: $TORCH_HOME/hub/checkpoints, timm: the Hugging Face hub cache), never downloaded; "
-        "the head is replaced for the dataset's classes. The official Waterbirds/CelebA recipes start "
-        "from ImageNet weights; biased MNIST does not.",
+        "the head is replaced for the dataset's classes. The paper's Waterbirds and CelebA results start "
+        "from ImageNet weights (presets waterbirds, celeba); biased MNIST does not.",
     )
     head: Literal["keep", "replace"] = Field(
         "keep",
