@@ -162,9 +162,10 @@ def check_job_slots(session: Session, tenant: str, limit: int) -> None:
 
 
 def storage_used(session: Session, tenant: str) -> int:
-    """Bytes the tenant keeps: its datasets and models (not deleted) and its jobs' artifacts."""
+    """Bytes the tenant keeps: its uploaded datasets and models (not deleted) and its jobs' artifacts
+    (datasets registered by URL stay in the tenant's own storage)."""
     datasets = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
-        Dataset.tenant_id == tenant, Dataset.status != "deleted")
+        Dataset.tenant_id == tenant, Dataset.status != "deleted", Dataset.source_url.is_(None))
     models = select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant, Model.status != "deleted")
     artifacts = select(func.coalesce(func.sum(Artifact.size_bytes), 0)).join(Job, Job.id == Artifact.job_id).where(
         Job.tenant_id == tenant)

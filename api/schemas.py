@@ -24,9 +24,11 @@ Timestamp = Annotated[datetime, AfterValidator(_utc)]
 class Dataset(BaseModel):
     id: str = Field(examples=["ds_0123456789abcdef0123"])
     object: Literal["dataset"] = "dataset"
-    filename: str
-    size_bytes: int
-    sha256: str
+    filename: str = Field(description="The upload's file name, or the last segment of source_url.")
+    size_bytes: int = Field(description="Bytes of the upload, or of the objects at source_url (0 until validated).")
+    sha256: str = Field(description="sha256 of the upload's bytes, or of source_url's listing (keys, sizes, ETags), "
+                                    "set by validation: it changes when the data does.")
+    source_url: str | None = Field(None, description="Where a dataset registered by URL lives (normalised); null for uploads.")
     status: Literal["validating", "ready", "invalid"] = Field(
         description="validating: a worker is checking the archive; ready: usable by jobs; invalid: see error.")
     error: str | None = None
@@ -36,8 +38,18 @@ class Dataset(BaseModel):
 
     @classmethod
     def of(cls, row: tables.Dataset) -> Dataset:
-        return cls(id=row.id, filename=row.filename, size_bytes=row.size_bytes, sha256=row.sha256, status=row.status,
-                   error=row.error, summary=row.summary, created_at=row.created_at, updated_at=row.updated_at)
+        return cls(id=row.id, filename=row.filename, size_bytes=row.size_bytes, sha256=row.sha256,
+                   source_url=row.source_url, status=row.status, error=row.error, summary=row.summary,
+                   created_at=row.created_at, updated_at=row.updated_at)
+
+
+class DatasetFromUrl(BaseModel):
+    """POST /v1/datasets as JSON: a dataset that stays in the tenant's own object storage."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"url": "s3://my-bucket/datasets/celeba/"}]})
+    url: str = Field(min_length=6, max_length=1000,
+                     description="s3:// URL of an archive object or of a prefix holding an unpacked dataset (any "
+                                 "supported layout), under a prefix MASKTUNE_DATASET_URL_PREFIXES allows the tenant.")
 
 
 class Model(BaseModel):

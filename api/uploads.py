@@ -9,6 +9,7 @@ and kept in memory under tight caps.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import unicodedata
@@ -119,6 +120,19 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, watched_send)
+
+
+def keep_and_queue(session: Session, settings: Settings, row, task: str) -> None:
+    """Commit the new row, then queue its validation; if the queue is down, remove the row again (503)."""
+    session.add(row)
+    session.commit()
+    try:
+        send_task(settings, task, row.id)
+    except Exception as exc:
+        log.error("could not queue %s for %s: %r", task, row.id, exc)
+        session.delete(row)
+        session.commit()
+        raise ProblemError(503, "queue_unavailable", "The task queue is unreachable; nothing was kept, try again.") from None
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -274,6 +288,24 @@ def read_form(body: Iterator[bytes], content_type: str, blobs: BlobStore, key: s
     return form
 
 
+async def read_json_body(request: Request, limit: int = JSON_BODY_LIMIT) -> Any:
+    """The request body parsed as JSON, read at most ``limit`` bytes far (upload routes allow more)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ProblemError(413, "payload_too_large", f"A JSON body may hold at most {limit} bytes.")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not UTF-8 (a ValueError), not JSON, nested too deep
+        raise validation_problem([{"loc": ["body"], "msg": "The body is not valid JSON.", "type": "json_invalid"}]) from None
+
+
+def is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def _body_in_thread(request: Request) -> Iterator[bytes]:
     """The request body as a blocking iterator, for code running in a worker thread."""
     stream = request.stream()
@@ -343,15 +375,7 @@ async def accept_upload(request: Request, *, session: Session, settings: Setting
         used = storage_used(session, tenant)
         if used + form.file.size_bytes > quota:
             raise quota_exceeded(used, quota, form.file.size_bytes)
-        session.add(row)
-        session.commit()
-        try:
-            send_task(settings, task, row.id)
-        except Exception as exc:
-            log.error("could not queue %s for %s: %r", task, row.id, exc)
-            session.delete(row)
-            session.commit()
-            raise ProblemError(503, "queue_unavailable", "The task queue is unreachable; nothing was kept, try again.") from None
+        keep_and_queue(session, settings, row, task)
         done = True
         return row
 

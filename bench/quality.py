@@ -36,9 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from masktune_core import JobConfig, MaskTuneRun
+from masktune_core import runfolder as rf
+from masktune_core.masking import unpack_masks
 from masktune_core.sample_data import SQUARE, write_biased_digits
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,10 +90,11 @@ def seed_from_official(official: MaskTuneRun, deviation: MaskTuneRun) -> None:
     shutil.rmtree(deviation.workdir, ignore_errors=True)
     deviation.workdir.mkdir(parents=True)
     shutil.copytree(official.workdir / "erm", deviation.workdir / "erm")
-    shutil.copy2(official.workdir / "prepared.pt", deviation.workdir / "prepared.pt")
+    shutil.copy2(official.workdir / rf.INDEX, deviation.workdir / rf.INDEX)  # both share one dataset cache
     finished = ["prepare", "erm"]
     if deviation.config.masking == official.config.masking:
-        shutil.copy2(official.workdir / "saliency_1.pt", deviation.workdir / "saliency_1.pt")
+        for name in (rf.saliency_stats(1), rf.masks_file(1)):
+            shutil.copy2(official.workdir / name, deviation.workdir / name)
         finished.append("saliency:1")
     deviation.dataset_sha256 = official.dataset_sha256
     state = {"fingerprint": deviation._fingerprint(), "finished": finished}
@@ -99,19 +103,18 @@ def seed_from_official(official: MaskTuneRun, deviation: MaskTuneRun) -> None:
 
 def square_masking(run: MaskTuneRun) -> dict:
     """How much of the red square the masks cover, over the square-carrying training images."""
-    sal = torch.load(run.workdir / "saliency_1.pt", weights_only=True)
-    prepared = torch.load(run.workdir / "prepared.pt", weights_only=True)
-    masks = sal["masks"]  # bool [N, H, W], training split order
-    train = prepared["splits"]["train"]
-    names = prepared["groups"]
+    sal = torch.load(run.workdir / rf.saliency_stats(1), weights_only=True)
+    masks = unpack_masks(np.load(run.workdir / rf.masks_file(1)), 28)  # bool [N, H, W], training split order
+    groups = run.split("train").groups
+    names = run.index["groups"]
     square_ids = [i for i, g in enumerate(names) if g.endswith("_square") and not g.endswith("no_square")]
-    carrying = torch.isin(train["groups"], torch.tensor(square_ids))
-    assert masks.shape[0] == len(train["names"]) and masks.shape[-1] == 28
+    carrying = torch.isin(groups, torch.tensor(square_ids))
+    assert masks.shape[0] == len(groups)
     frac = masks[carrying][:, :SQUARE, :SQUARE].flatten(1).float().mean(1)
-    masked_px_by_group = {names[gid]: masks[train["groups"] == gid].float().mean().item() for gid in range(len(names))}
+    masked_px_by_group = {names[gid]: masks[groups == gid].float().mean().item() for gid in range(len(names))}
     by_group = {}
     for gid in square_ids:
-        sel = train["groups"][carrying] == gid
+        sel = groups[carrying] == gid
         by_group[names[gid]] = (frac[sel] >= 0.5).float().mean().item() if sel.any() else float("nan")
     return {
         "n_square": int(carrying.sum()),
@@ -125,7 +128,7 @@ def square_masking(run: MaskTuneRun) -> dict:
 
 def run_one(data: Path, out: Path, config: JobConfig, device: str, label: str,
             official: MaskTuneRun | None = None) -> dict:
-    run = MaskTuneRun(data, out, config, device=device, on_event=progress_printer(label))
+    run = MaskTuneRun(data, out, config, device=device, on_event=progress_printer(label), cache_dir=out.parent / "cache")
     if official is not None:
         seed_from_official(official, run)
     timing = Path(out) / "bench_seconds.json"  # wall time of the run that produced the outputs
@@ -201,7 +204,7 @@ def render(results: dict[str, dict[int, dict]], args, command: str) -> str:
     for label, per_seed in results.items():
         for seed, r in per_seed.items():
             _fmt_models(label, seed, r, lines)
-    group_names = next(iter(next(iter(results.values())).values()))["run"].prepared["groups"]
+    group_names = next(iter(next(iter(results.values())).values()))["run"].index["groups"]
     lines += [
         "",
         "## Per-group test accuracy",

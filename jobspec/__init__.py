@@ -105,6 +105,20 @@ class DataConfig(_Strict):
     test_fraction: float = Field(
         0.15, ge=0, lt=0.5, description="Share carved for testing when the dataset has no split at all."
     )
+    label_attribute: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="CelebA layout only, and required there: the attribute that is the label "
+        "(classes not_<attribute> and <attribute>); the paper's CelebA setting is Blond_Hair.",
+    )
+    group_attribute: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="CelebA layout only: an attribute whose value, with the label, makes the group "
+        "('<class>/<attribute>' or '<class>/not_<attribute>'), for evaluation; the paper's is Male.",
+    )
 
 
 class ErmConfig(_Strict):

@@ -48,8 +48,11 @@ class Dataset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     filename: Mapped[str] = mapped_column(String(300))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # A URL dataset's sha256 hashes its listing (keys, sizes, ETags), set by validation.
     sha256: Mapped[str] = mapped_column(String(64))
-    blob_key: Mapped[str] = mapped_column(String(500))
+    # Where the bytes are: an upload in our blob store (blob_key), or the tenant's own storage (source_url).
+    blob_key: Mapped[str | None] = mapped_column(String(500), default=None)
+    source_url: Mapped[str | None] = mapped_column(Text, default=None)
     status: Mapped[str] = mapped_column(String(20), default="validating")  # validating | ready | invalid
     error: Mapped[str | None] = mapped_column(Text, default=None)
     summary: Mapped[dict[str, Any] | None] = mapped_column(default=None)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .dataset_urls import normalize_url
 
 
 class Settings(BaseSettings):
@@ -17,7 +19,17 @@ class Settings(BaseSettings):
     blob_url: str = Field("", description="fsspec URL for blob storage; default: data_dir/blobs. S3-compatible: s3://bucket/prefix.")
     broker_url: str = Field("", description="Celery broker; default: kombu's filesystem transport under data_dir/broker. Production: redis://host:6379/0.")
     work_dir: Path | None = Field(None, description="Worker's local scratch space for running jobs; default: data_dir/work.")
+    dataset_cache_dir: Path | None = Field(
+        None, description="Worker's local copies of datasets (unpacked, and decoded once per input size), shared by its jobs; "
+        "default: work_dir/datasets. Put it on a disk with room for the largest datasets: see README, Data at scale.")
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted upload; larger requests get 413.")
+    archive_max_members: int = Field(1_000_000, ge=1, description="Files a dataset archive (or a dataset URL's listing) may hold; CelebA has 202,599 images.")
+    archive_max_bytes: int = Field(64 << 30, ge=1, description="Bytes a dataset archive may unpack to (or a dataset URL's objects may total); counted while unpacking.")
+    archive_max_ratio: float = Field(250.0, gt=1, description="Largest unpacked/packed size ratio of an archive and of each zip member; past it the archive is a bomb.")
+    dataset_url_prefixes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='JSON {"tenant name": ["s3://bucket/prefix/", ...], "*": [...]}: where each tenant (or every tenant, "*") may '
+                    "register a dataset by URL; empty: nowhere. Never inside the service's own blob store.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good (a worker that dies mid-job counts).")
     visibility_timeout_s: int = Field(24 * 3600, ge=60, description="Redis redelivers an unacknowledged job after this long; must exceed the longest job.")
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress writes of a running job.")
@@ -34,6 +46,12 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Address the embedded start binds.")
     api_port: int = Field(8000, description="Port the embedded start binds.")
 
+    @field_validator("dataset_url_prefixes")
+    @classmethod
+    def _normalised_prefixes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        # A prefix the checker cannot read is a deployment error: refuse to start, not every request.
+        return {tenant: [normalize_url(p) + "/" for p in prefixes] for tenant, prefixes in value.items()}
+
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
         self.data_dir = self.data_dir.resolve()
@@ -45,6 +63,8 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
+        if self.dataset_cache_dir is None:
+            self.dataset_cache_dir = self.work_dir / "datasets"
         return self
 
     @property

@@ -7,7 +7,8 @@
 from jobspec import JobConfig
 from .errors import ConfigError, DatasetError, JobCancelled, MaskTuneError, ModelError
 from .models import architectures, create_model, load_weights, save_weights
-from .pipeline import ARTIFACTS, STAGES, MaskTuneRun, ProgressEvent, run_masktune
+from .pipeline import STAGES, MaskTuneRun, ProgressEvent, run_masktune
+from .runfolder import ARTIFACTS
 
 __all__ = [
     "ARTIFACTS", "STAGES", "ConfigError", "DatasetError", "JobCancelled", "JobConfig", "MaskTuneError",

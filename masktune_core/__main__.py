@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     return JobConfig.model_validate(data)
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "masktune" / "datasets"
+
+
 class ProgressBars:
     """One tqdm bar per stage, fed by the pipeline's events."""
 
@@ -50,7 +55,7 @@ class ProgressBars:
         elif event.kind == "epoch" and self.bar is not None:
             self.bar.set_postfix_str(f"epoch {event.data['epoch']}/{event.data['epochs']} "
                                      f"loss {event.data['train_loss']:.3f} val_acc {event.data['val_accuracy']:.3f}")
-        elif event.kind == "warning":
+        elif event.kind in ("warning", "info"):
             tqdm.write(event.message, file=sys.stderr)
         if self.bar is not None:
             self.bar.update(round(100 * event.stage_progress) - self.bar.n)  # tqdm throttles redraws
@@ -75,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", help="JSON file with the job config (same schema as POST /v1/jobs)")
     run.add_argument("--weights", help="start from these weights (.safetensors or state-dict .pt)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    run.add_argument("--cache-dir", default=str(default_cache_dir()),
+                     help="where datasets are unpacked and decoded once, for every later run on them (default: %(default)s)")
     args = parser.parse_args(argv)
 
     bars = ProgressBars()
     try:
         config = build_config(args)
-        metrics = run_masktune(args.data, args.out, config, initial_weights=args.weights, device=args.device, on_event=bars)
+        metrics = run_masktune(args.data, args.out, config, initial_weights=args.weights, device=args.device, on_event=bars,
+                               cache_dir=args.cache_dir)
     except ValidationError as exc:
         print(f"error: invalid config:\n{exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,16 @@
-"""Reading a user's dataset: the two layouts, splits, decoding and transforms.
+"""Reading a user's dataset: the layouts, splits, decoding and transforms.
 
 Layouts (DESIGN.md section 4):
   ImageFolder  train/<class>/*.png [val/ test/]   or just <class>/*.png
   Manifest     a CSV at the root: filename,label[,split][,group]
-               (Waterbirds' img_filename,y,split,place is accepted too)
+               (Waterbirds' img_filename,y,split,place and SubpopBench's
+               filename,split,y,a are accepted too)
+  CelebA       img_align_celeba/ + list_eval_partition.(txt|csv) + list_attr_celeba.(txt|csv);
+               the label is one attribute (data.label_attribute), the group optionally another
 
-Images are decoded once, resized whole (no crop) to the network input and kept
-as uint8, so masks computed on that view line up with the pixels they zero.
+Images are decoded once per input size (``decoded``), resized whole (no crop) and
+kept as uint8 on disk, so masks computed on that view line up with the pixels they
+zero; a split is a list of rows of that array (``SplitRows``).
 """
 
 from __future__ import annotations
@@ -20,17 +24,25 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .archive import safe_member_path
+from .decoded import DecodedImages, decode_image, decode_once, read_header
 from .errors import DatasetError
+
+
+class LabelAttributeRequired(DatasetError):
+    """A CelebA-layout dataset read without data.label_attribute; ``overview`` says what it holds."""
+
+    def __init__(self, message: str, overview: dict):
+        super().__init__(message)
+        self.overview = overview
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 SPLITS = ("train", "val", "test")
-MAX_IMAGE_PIXELS = 64_000_000  # checked from the header, before any pixel is decoded
 _SPLIT_ALIASES = {
     "train": "train", "training": "train", "0": "train",
     "val": "val", "valid": "val", "validation": "val", "1": "val",
@@ -60,17 +72,6 @@ class DatasetIndex:
     splits: dict[str, list[Sample]]
     split_origin: dict[str, str]  # split -> "dataset" or "carved (seeded)"
     skipped: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class DecodedSplit:
-    images: torch.Tensor  # uint8 [N, 3, S, S]
-    labels: torch.Tensor  # int64 [N]
-    groups: torch.Tensor  # int64 [N], -1 without groups
-    names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 # ---------------------------------------------------------------- indexing
@@ -169,18 +170,151 @@ def _read_manifest(manifest: Path, skipped: list[dict]):
             group = (row.get("group") or "").strip() or "unknown"
         elif "place" in header:  # Waterbirds: the group is (label, place)
             group = f"y={label}/place={(row.get('place') or '').strip()}"
+        elif "a" in header:  # SubpopBench: the group is (label, attribute a)
+            group = f"y={label}/a={(row.get('a') or '').strip()}"
         else:
             group = None
         out.append((line, name, label, split, group))
     return out
 
 
-def index_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> DatasetIndex:
-    """Find the layout, classes, groups and splits of an unpacked dataset directory."""
+CELEBA_IMAGES = "img_align_celeba"
+_CELEBA_SPLITS = {"0": "train", "1": "val", "2": "test"}
+
+
+def _celeba_lists(root: Path) -> tuple[Path, Path] | None:
+    """(partition file, attribute file) when ``root`` holds CelebA's own layout."""
+    if not (root / CELEBA_IMAGES).is_dir():
+        return None
+    found = []
+    for stem in ("list_eval_partition", "list_attr_celeba"):
+        candidates = [root / f"{stem}{ext}" for ext in (".txt", ".csv") if (root / f"{stem}{ext}").is_file()]
+        if not candidates:
+            return None
+        found.append(candidates[0])
+    return found[0], found[1]
+
+
+def _read_text(path: Path) -> list[str]:
+    try:
+        return path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path.name} is not UTF-8 text") from exc
+
+
+def _separator(path: Path) -> str | None:
+    """For str.split: commas in CelebA's csv copies, runs of spaces in its txt originals."""
+    return "," if path.suffix == ".csv" else None
+
+
+def _read_celeba_partition(path: Path) -> dict[str, str]:
+    """image name -> train | val | test (0/1/2 in the file); a header line is skipped."""
+    out, sep = {}, _separator(path)
+    for number, line in enumerate(_read_text(path), start=1):
+        fields = line.split(sep) if line.strip() else []
+        if not fields or (number == 1 and fields[-1] not in _CELEBA_SPLITS):
+            continue  # blank, or the csv header image_id,partition
+        if len(fields) != 2 or fields[1] not in _CELEBA_SPLITS:
+            raise DatasetError(f"{path.name} line {number}: expected 'image partition' with partition 0, 1 or 2")
+        out[fields[0]] = _CELEBA_SPLITS[fields[1]]
+    return out
+
+
+def _read_celeba_attributes(path: Path) -> tuple[list[str], list[str]]:
+    """(attribute names, data lines). txt: a count line, the names, then 'name v1 v2 ...';
+    csv: a header image_id,attr... then 'name,v1,v2,...'."""
+    lines = _read_text(path)
+    if path.suffix == ".csv":
+        header, rows = ([f.strip() for f in lines[0].split(",")[1:]] if lines else []), lines[1:]
+    else:
+        header, rows = (lines[1].split() if len(lines) > 1 else []), lines[2:]
+    if not header:
+        raise DatasetError(f"{path.name} has no attribute names")
+    return header, rows
+
+
+def _attribute_column(name: str | None, attributes: list[str], what: str) -> int:
+    if name not in attributes:
+        raise DatasetError(f"{what} {name!r} is not an attribute of this CelebA dataset; it has {attributes}")
+    return attributes.index(name)
+
+
+def _index_celeba(root: Path, partition_file: Path, attr_file: Path, label_attribute: str | None,
+                  group_attribute: str | None, skipped: list[dict]):
+    """Classes not_<label_attribute>, <label_attribute> (values -1, 1); groups '<class>/<group class>'."""
+    images = root / CELEBA_IMAGES
+    inner = images / CELEBA_IMAGES  # the Kaggle copy nests the folder twice
+    if inner.is_dir():
+        images = inner
+    # One directory listing instead of a stat per row: CelebA has 202,599 images.
+    present = {entry.name for entry in os.scandir(images) if entry.is_file()}
+    partition = _read_celeba_partition(partition_file)
+    attributes, rows = _read_celeba_attributes(attr_file)
+    if label_attribute is None:
+        found = Counter(split for name, split in partition.items() if name in present)
+        overview = {"layout": "celeba", "attributes": attributes, "images": sum(found.values()),
+                    "partitions": {s: found.get(s, 0) for s in SPLITS},
+                    "note": "jobs on this dataset must set data.label_attribute (data.group_attribute is optional)"}
+        raise LabelAttributeRequired(
+            f"the CelebA layout needs data.label_attribute (and optionally data.group_attribute); "
+            f"attributes: {attributes}", overview)
+    label_col = _attribute_column(label_attribute, attributes, "data.label_attribute")
+    group_col = None
+    if group_attribute is not None:
+        if group_attribute == label_attribute:
+            raise DatasetError("data.group_attribute must differ from data.label_attribute")
+        group_col = _attribute_column(group_attribute, attributes, "data.group_attribute")
+    classes = [f"not_{label_attribute}", label_attribute]
+    group_classes = [f"not_{group_attribute}", group_attribute]
+    prefix = images.relative_to(root).as_posix()
+    entries, sep = [], _separator(attr_file)
+    for number, line in enumerate(rows, start=3 if attr_file.suffix == ".txt" else 2):
+        fields = line.split(sep) if line.strip() else []
+        if not fields:
+            continue
+        name = fields[0]
+        where = f"{attr_file.name} line {number}"
+        if len(fields) != len(attributes) + 1:
+            skipped.append({"file": name, "reason": f"{where}: expected {len(attributes)} attribute values"})
+        elif name not in present:
+            skipped.append({"file": name, "reason": f"{where}: no such file in {prefix}/"})
+        elif name not in partition:
+            skipped.append({"file": name, "reason": f"{where}: not in {partition_file.name}"})
+        else:
+            values = [fields[1 + label_col]] + ([fields[1 + group_col]] if group_col is not None else [])
+            if any(v not in ("-1", "0", "1") for v in values):
+                skipped.append({"file": name, "reason": f"{where}: attribute values must be -1 (or 0) and 1"})
+                continue
+            label = int(values[0] == "1")
+            group = f"{classes[label]}/{group_classes[int(values[1] == '1')]}" if group_col is not None else None
+            entries.append((name, label, partition[name], group))
+    groups = sorted({e[3] for e in entries}, key=lambda g: (classes.index(g.split("/")[0]), g)) if group_col is not None else None
+    group_ids = {g: i for i, g in enumerate(groups or [])}
+    by_split: dict[str, list[Sample]] = {}
+    for name, label, split, group in entries:
+        sample = Sample(images / name, f"{prefix}/{name}", label, group_ids[group] if groups else -1)
+        by_split.setdefault(split, []).append(sample)
+    return classes, groups, by_split
+
+
+def index_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+                  label_attribute: str | None = None, group_attribute: str | None = None) -> DatasetIndex:
+    """Find the layout, classes, groups and splits of an unpacked dataset directory.
+
+    ``label_attribute``/``group_attribute`` pick the label and group of a CelebA-layout
+    dataset (LabelAttributeRequired without a label); other layouts refuse them."""
     root = _dataset_root(Path(root))
     skipped: list[dict] = []
-    manifest = _find_manifest(root)
     groups: list[str] | None = None
+    celeba = _celeba_lists(root)
+    if celeba is None and (label_attribute or group_attribute):
+        raise DatasetError("data.label_attribute and data.group_attribute apply to the CelebA layout only "
+                           f"({CELEBA_IMAGES}/, list_eval_partition, list_attr_celeba); this dataset is not in it")
+    if celeba is not None:
+        layout = "celeba"
+        classes, groups, by_split = _index_celeba(root, *celeba, label_attribute, group_attribute, skipped)
+        return _finish_splits(root, layout, classes, groups, by_split, skipped, val_fraction, test_fraction, seed)
+    manifest = _find_manifest(root)
     if manifest is not None:
         layout = "manifest"
         entries = _read_manifest(manifest, skipped)
@@ -263,85 +397,113 @@ def check_trainable(index: DatasetIndex) -> None:
 # ---------------------------------------------------------------- decoding
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img) * (255.0 if np.asarray(img).max() <= 1 else 1), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "P":
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
+@dataclass
+class SplitRows:
+    """One split of a job: rows of the decoded images (on disk), with labels and groups in memory."""
 
+    images: DecodedImages
+    rows: np.ndarray  # int64 [N], rows of images.npy
+    labels: torch.Tensor  # int64 [N]
+    groups: torch.Tensor  # int64 [N], -1 without groups
 
-def decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int], str]:
-    """(uint8 HxWx3 at size x size, original (width, height), original mode)."""
-    try:
-        img = Image.open(path)
-    except Image.DecompressionBombError as exc:  # PIL's own guard fires on the header, before ours
-        raise DatasetError(f"the image is over the limit of {MAX_IMAGE_PIXELS} pixels ({exc})") from exc
-    with img:
-        width, height = img.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise DatasetError(f"{width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
-        mode = img.mode
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it can
-        rgb = _to_rgb(img)
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8), (width, height), mode
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.images.names[r] for r in self.rows.tolist()]
+
+    def pixels(self, positions=None) -> torch.Tensor:
+        """uint8 [n, 3, S, S] of the split's images at ``positions`` (default: all of them)."""
+        rows = self.rows if positions is None else self.rows[np.asarray(positions, dtype=np.int64)]
+        return torch.from_numpy(self.images.read(rows)).permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
 class DecodedDataset:
-    splits: dict[str, DecodedSplit]
+    splits: dict[str, SplitRows]
     image_stats: dict
+    decoded_count: int  # images decoded by this call; 0 when the cache entry was reused
 
 
-def decode_dataset(index: DatasetIndex, size: int, workers: int | None = None) -> DecodedDataset:
-    """Decode every sample at ``size``; unreadable images are skipped and reported."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    sizes: list[tuple[int, int]] = []
-    modes: Counter = Counter()
-    splits: dict[str, DecodedSplit] = {}
+def decode_dataset(
+    index: DatasetIndex,
+    size: int,
+    folder: Path,
+    *,
+    workers: int | None = None,
+    should_cancel: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> DecodedDataset:
+    """Decode every sample at ``size`` into the cache entry ``folder`` (or reuse it); unreadable images are skipped and reported."""
+    files = {s.name: s.path for samples in index.splits.values() for s in samples}
+    images, decoded = decode_once(files, folder, size, workers=workers, should_cancel=should_cancel, on_progress=on_progress)
+    used: list[int] = []
+    splits: dict[str, SplitRows] = {}
+    for split, samples in index.splits.items():
+        kept = []
+        for sample in samples:
+            row = images.row_of(sample.name)
+            if row in images.errors:
+                index.skipped.append({"file": sample.name, "reason": images.errors[row]})
+            else:
+                kept.append((row, sample))
+        index.splits[split] = [sample for _, sample in kept]
+        rows = np.array([row for row, _ in kept], dtype=np.int64)
+        used += rows.tolist()
+        splits[split] = SplitRows(images, rows, torch.tensor([s.label for _, s in kept], dtype=torch.long),
+                                  torch.tensor([s.group for _, s in kept], dtype=torch.long))
+    check_trainable(index)
+    stats = _image_stats([images.widths[r] for r in used], [images.heights[r] for r in used], [images.modes[r] for r in used])
+    return DecodedDataset(splits, stats, decoded)
 
-    def load(sample: Sample):
+
+def inspect_images(index: DatasetIndex, sample_size: int = 64, seed: int = 0, workers: int = 8) -> dict:
+    """Image statistics from every file's header, plus a full decode of a seeded sample.
+
+    Enough to accept an upload without decoding it all (the job's decode pass reports any
+    image that fails later). Unreadable files are moved to ``index.skipped``.
+    """
+    samples = [s for split in index.splits.values() for s in split]
+    chosen = {samples[i].name for i in np.random.default_rng(seed).permutation(len(samples))[:sample_size].tolist()}
+
+    def check(sample: Sample):
         try:
-            return sample, decode_image(sample.path, size), None
+            header = read_header(sample.path)
+            if sample.name in chosen:
+                decode_image(sample.path, 32)
+            return header, None
         except DatasetError as exc:
-            return sample, None, str(exc)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return sample, None, f"unreadable image: {exc}"
+            return None, str(exc)
+        except (OSError, ValueError, SyntaxError) as exc:
+            return None, f"unreadable image: {exc}"
 
     with ThreadPoolExecutor(workers) as pool:
-        for split, samples in index.splits.items():
-            arrays, labels, groups, names, kept = [], [], [], [], []
-            for sample, decoded, error in pool.map(load, samples):
-                if decoded is None:
-                    index.skipped.append({"file": sample.name, "reason": error})
-                    continue
-                array, wh, mode = decoded
-                arrays.append(array)
-                labels.append(sample.label)
-                groups.append(sample.group)
-                names.append(sample.name)
+        results = dict(zip((s.name for s in samples), pool.map(check, samples)))
+    headers = []
+    for split, split_samples in index.splits.items():
+        kept = []
+        for sample in split_samples:
+            header, error = results[sample.name]
+            if error:
+                index.skipped.append({"file": sample.name, "reason": error})
+            else:
                 kept.append(sample)
-                sizes.append(wh)
-                modes[mode] += 1
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else torch.empty(0, 3, size, size, dtype=torch.uint8)
-            splits[split] = DecodedSplit(images, torch.tensor(labels, dtype=torch.long), torch.tensor(groups, dtype=torch.long), names)
-            index.splits[split] = kept
+                headers.append(header)
+        index.splits[split] = kept
     check_trainable(index)
-    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
-    stats = {
+    return _image_stats([h[0] for h in headers], [h[1] for h in headers], [h[2] for h in headers])
+
+
+def _image_stats(widths: list[int], heights: list[int], modes: list[str]) -> dict:
+    return {
         "min_width": min(widths), "max_width": max(widths),
         "min_height": min(heights), "max_height": max(heights),
-        "modes": dict(modes),
+        "modes": dict(Counter(modes)),
     }
-    return DecodedDataset(splits, stats)
 
 
-def summarize(index: DatasetIndex, decoded: DecodedDataset | None = None, max_skipped_listed: int = 100) -> dict:
+def summarize(index: DatasetIndex, image_stats: dict | None = None, max_skipped_listed: int = 100) -> dict:
     """What a user sees about their dataset: classes, groups, counts, sizes, skips."""
     def counts(samples: list[Sample]) -> dict:
         per_class = Counter(index.classes[s.label] for s in samples)
@@ -360,8 +522,8 @@ def summarize(index: DatasetIndex, decoded: DecodedDataset | None = None, max_sk
         "skipped_count": len(index.skipped),
         "skipped": index.skipped[:max_skipped_listed],
     }
-    if decoded is not None:
-        summary["image_sizes"] = decoded.image_stats
+    if image_stats is not None:
+        summary["image_sizes"] = image_stats
     return summary
 
 

@@ -8,6 +8,7 @@ tau, and nothing of it is masked.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -27,3 +28,14 @@ def threshold_masks(maps: torch.Tensor, threshold_std: float = 2.0) -> torch.Ten
 def apply_masks(images_u8: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Zero the masked pixels in raw uint8 space ([N, 3, H, W] images, [N, H, W] masks)."""
     return images_u8 * (~masks).unsqueeze(1).to(images_u8.dtype)
+
+
+def pack_masks(masks: torch.Tensor) -> np.ndarray:
+    """[N, H, W] bool -> uint8 [N, ceil(H*W/8)], a bit per pixel (how masks are stored)."""
+    return np.packbits(masks.flatten(1).cpu().numpy(), axis=1)
+
+
+def unpack_masks(packed: np.ndarray, side: int) -> torch.Tensor:
+    """The inverse of ``pack_masks`` for square side x side masks."""
+    bits = np.unpackbits(packed, axis=1, count=side * side).astype(bool)
+    return torch.from_numpy(bits).view(len(packed), side, side)

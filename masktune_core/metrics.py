@@ -131,3 +131,17 @@ def comparison_table(metrics: dict) -> str:
             lines.append(f"{split:<6} {key:<26} {erm[key]:>7.3f} {mt[key]:>9.3f}")
     lines.append(metrics["verdict"]["message"])
     return "\n".join(lines)
+
+
+def headline(metrics: dict) -> dict:
+    """The few numbers a job listing shows (the verdict, overall and worst group or class per split)."""
+    keys = ("overall_accuracy", "worst_group_accuracy", "worst_group", "worst_class_accuracy", "worst_class")
+
+    def pick(m: dict) -> dict:
+        return {k: m[k] for k in keys if k in m}
+
+    return {
+        "verdict": metrics["verdict"],
+        "erm": {split: pick(m) for split, m in metrics["erm"].items()},
+        "masktune": {split: pick(m) for split, m in metrics["masktune"].items()},
+    }

@@ -1,9 +1,13 @@
 """The MaskTune run: prepare -> erm -> saliency -> finetune -> evaluate -> export.
 
-Every stage leaves its output in the work directory and is recorded in
-``state.json`` when it finishes; ERM also keeps a checkpoint per epoch. Running
-again with the same inputs skips finished stages and continues ERM after its
-last finished epoch, so an interrupted run resumes instead of starting over.
+Every stage leaves its output in the work directory (names in ``runfolder``) and
+is recorded in ``state.json`` when it finishes; ERM also keeps a checkpoint per
+epoch. Running again with the same inputs skips finished stages and continues ERM
+after its last finished epoch, so an interrupted run resumes instead of starting over.
+
+The dataset itself is not in the work directory: ``prepare`` unpacks and decodes it
+once into the dataset cache (``decoded``), shared by every run on the same data and
+input size, and records the run's splits as rows of that cache in ``index.json``.
 """
 
 from __future__ import annotations
@@ -12,18 +16,22 @@ import hashlib
 import json
 import platform
 import shutil
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .archive import extract_archive
+from . import runfolder as rf
+from .archive import ExtractionLimits
 from jobspec import JobConfig
-from .data import DecodedSplit, dataset_sha256, decode_dataset, index_dataset, summarize
+from .data import SplitRows, dataset_sha256, decode_dataset, index_dataset, summarize
+from .decoded import DecodedImages, bad_chunks, entry_dir, unpack_once
 from .errors import ConfigError, DatasetError, JobCancelled, PretrainedWeightsMissing
-from .masking import apply_masks, threshold_masks
+from .masking import pack_masks, threshold_masks, unpack_masks
 from .metrics import group_shares, selective_classification, split_metrics, verdict
 from .model_card import write_model_card
 from .models import (
@@ -31,20 +39,21 @@ from .models import (
     saliency_target_layer, saliency_target_name, save_weights,
 )
 from .previews import render_previews
+from .rowfile import RowFile
 from .saliency import saliency_maps
 from .training import (
-    LoopSettings, accuracy, epoch_generator, load_checkpoint, make_optimizer,
-    model_input, predict_logits, save_checkpoint, train_one_epoch,
+    LoopSettings, accuracy, epoch_generator, in_order, load_checkpoint, make_optimizer,
+    model_input, predict_logits, read_ahead, save_checkpoint, train_one_epoch,
 )
 
 STAGES = ("prepare", "erm", "saliency", "finetune", "evaluate", "export")
 _STAGE_WEIGHT = {"prepare": 0.05, "erm": 0.60, "saliency": 0.10, "finetune": 0.15, "evaluate": 0.08, "export": 0.02}
-ARTIFACTS = ("metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json")
 
 
 @dataclass
 class ProgressEvent:
-    """kind: 'stage' (a stage starts), 'progress', 'epoch' (per-epoch metrics), 'warning', 'done'."""
+    """kind: 'stage' (a stage starts), 'progress', 'info' (a milestone worth keeping), 'epoch' (per-epoch metrics),
+    'warning', 'done'."""
 
     kind: str
     stage: str
@@ -69,12 +78,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
 class MaskTuneRun:
     """One run in one work directory. ``run()`` executes the unfinished stages."""
 
@@ -89,11 +92,16 @@ class MaskTuneRun:
         device: str | None = None,
         on_event: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        cache_dir: str | Path | None = None,
+        dataset_sha256: str | None = None,
+        extraction_limits: ExtractionLimits | None = None,
     ):
+        """``cache_dir`` holds unpacked and decoded datasets for every run that names it (default:
+        ``out_dir/cache``); ``dataset_sha256`` spares hashing the data when the caller knows it."""
         self.data = Path(data)
         self.out_dir = Path(out_dir)
         self.config = config or JobConfig()
-        self.workdir = Path(workdir) if workdir else self.out_dir / "work"
+        self.workdir = Path(workdir) if workdir else self.out_dir / rf.WORK
         self.initial_weights = Path(initial_weights) if initial_weights else None
         self.device = pick_device(device)
         self.on_event = on_event or (lambda event: None)
@@ -106,7 +114,11 @@ class MaskTuneRun:
             if found is None:
                 raise PretrainedWeightsMissing(
                     f"pretrained weights for {self.config.model.architecture} are not on this machine: expected {expected}")
-        self._prepared: dict | None = None
+        self.cache_dir = Path(cache_dir) if cache_dir else self.out_dir / "cache"
+        self.dataset_sha256 = dataset_sha256
+        self.extraction_limits = extraction_limits or ExtractionLimits()
+        self._index: dict | None = None
+        self._images: DecodedImages | None = None
         self._stage = "prepare"
         self._done_weight = 0.0
 
@@ -120,19 +132,19 @@ class MaskTuneRun:
         return digest.hexdigest()
 
     def _load_state(self) -> dict:
-        path = self.workdir / "state.json"
+        path = self.workdir / rf.STATE
         state = json.loads(path.read_text()) if path.exists() else None
         if state is None or state.get("fingerprint") != self._fingerprint():
             # Another config or dataset: nothing here can be reused.
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir.mkdir(parents=True)
             state = {"fingerprint": self._fingerprint(), "finished": []}
-            _write_json(path, state)
+            rf.write_json(path, state)
         return state
 
     def _finish(self, state: dict, step: str) -> None:
         state["finished"].append(step)
-        _write_json(self.workdir / "state.json", state)
+        rf.write_json(self.workdir / rf.STATE, state)
 
     def _steps(self) -> list[tuple[str, str, float]]:
         """(step key, stage name, weight in the overall progress)."""
@@ -162,65 +174,79 @@ class MaskTuneRun:
 
     def run(self) -> dict:
         """Run the unfinished stages; returns metrics.json's content."""
-        self.dataset_sha256 = dataset_sha256(self.data)
+        if not self.data.exists():
+            raise DatasetError(f"no dataset at {self.data}")
+        self.dataset_sha256 = self.dataset_sha256 or dataset_sha256(self.data)
         self.workdir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         for step, stage, weight in self._steps():
             self._stage, self._weight = stage, weight
-            if step not in state["finished"]:
+            # The decoded dataset lives outside the work area: gone (another machine) or damaged, prepare again.
+            if step not in state["finished"] or (step == "prepare" and not self._decoded_intact()):
                 iteration = int(step.split(":")[1]) if ":" in step else None
                 self._emit("stage", 0.0, f"{stage} started", iteration=iteration)
                 getattr(self, f"_stage_{stage}")(*([iteration] if iteration else []))
-                self._finish(state, step)
+                if step not in state["finished"]:
+                    self._finish(state, step)
             self._done_weight += weight
         self._stage, self._weight = "export", 0.0
-        metrics = json.loads((self.out_dir / "metrics.json").read_text())
+        metrics = json.loads((self.out_dir / rf.METRICS).read_text())
         self._emit("done", 1.0, metrics["verdict"]["message"])
         return metrics
 
-    @property
-    def prepared(self) -> dict:
-        if self._prepared is None:
-            self._prepared = torch.load(self.workdir / "prepared.pt", weights_only=True)
-        return self._prepared
+    def _decoded_folder(self) -> Path:
+        return entry_dir(self.cache_dir, self.dataset_sha256, self.input_size)
 
-    def split(self, name: str) -> DecodedSplit:
-        s = self.prepared["splits"][name]
-        return DecodedSplit(s["images"], s["labels"], s["groups"], s["names"])
+    def _decoded_intact(self) -> bool:
+        folder = self._decoded_folder()
+        try:
+            return (self.workdir / rf.INDEX).exists() and not bad_chunks(folder)
+        except (OSError, ValueError, KeyError):
+            return False
+
+    @property
+    def index(self) -> dict:
+        """index.json: classes, groups, the dataset summary, and each split as rows, labels and groups."""
+        if self._index is None:
+            self._index = json.loads((self.workdir / rf.INDEX).read_text())
+        return self._index
+
+    def split(self, name: str) -> SplitRows:
+        if self._images is None:
+            self._images = DecodedImages(self._decoded_folder())
+        s = self.index["splits"][name]
+        return SplitRows(self._images, np.array(s["rows"], dtype=np.int64),
+                         torch.tensor(s["labels"], dtype=torch.long), torch.tensor(s["groups"], dtype=torch.long))
 
     def _stage_prepare(self) -> None:
+        root = self.data
         if self.data.is_file():
-            root = self.workdir / "dataset"
-            shutil.rmtree(root, ignore_errors=True)
-            extract_archive(self.data, root)
-        elif self.data.is_dir():
-            root = self.data
-        else:
-            raise DatasetError(f"no dataset at {self.data}")
+            self._emit("progress", 0.0, "unpacking the dataset")
+            root = unpack_once(self.data, self.cache_dir, self.dataset_sha256, self.extraction_limits)
         cfg = self.config.data
-        index = index_dataset(root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=self.config.seed)
-        self._emit("progress", 0.3, f"decoding {sum(len(s) for s in index.splits.values())} images")
-        decoded = decode_dataset(index, self.input_size)
-        summary = summarize(index, decoded)
+        index = index_dataset(root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=self.config.seed,
+                              label_attribute=cfg.label_attribute, group_attribute=cfg.group_attribute)
+        count = sum(len(s) for s in index.splits.values())
+        self._emit("progress", 0.1, f"decoding {count} images at {self.input_size} px (or reusing them)")
+        decoded = decode_dataset(index, self.input_size, self._decoded_folder(), should_cancel=self.should_cancel,
+                                 on_progress=lambda done, total: self._emit("progress", 0.1 + 0.85 * done / max(total, 1)))
+        summary = summarize(index, decoded.image_stats)
         if index.skipped:
-            self._emit("warning", 0.9, f"Warning: {len(index.skipped)} files skipped; see the dataset summary", skipped=index.skipped[:20])
-        prepared = {
+            self._emit("warning", 0.95, f"Warning: {len(index.skipped)} files skipped; see the dataset summary", skipped=index.skipped[:20])
+        rf.write_json(self.workdir / rf.INDEX, compact=True, obj={
             "classes": index.classes,
             "groups": index.groups,
             "summary": summary,
-            "splits": {
-                name: {"images": s.images, "labels": s.labels, "groups": s.groups, "names": s.names}
-                for name, s in decoded.splits.items()
-            },
-        }
-        tmp = self.workdir / "prepared.pt.tmp"
-        torch.save(prepared, tmp)
-        tmp.replace(self.workdir / "prepared.pt")
-        self._prepared = prepared
-        self._emit("progress", 1.0, "dataset ready", summary={k: summary[k] for k in ("classes", "groups", "splits")})
+            "splits": {name: {"rows": s.rows.tolist(), "labels": s.labels.tolist(), "groups": s.groups.tolist()}
+                       for name, s in decoded.splits.items()},
+        })
+        self._index, self._images = None, None
+        reused = "reused the decoded images" if decoded.decoded_count == 0 else f"decoded {decoded.decoded_count} images"
+        self._emit("info", 1.0, f"dataset ready ({reused})", decoded_images=decoded.decoded_count,
+                   summary={k: summary[k] for k in ("classes", "groups", "splits")})
 
     def new_model(self) -> torch.nn.Module:
-        return create_model(self.config.model.architecture, len(self.prepared["classes"]), self.input_size)
+        return create_model(self.config.model.architecture, len(self.index["classes"]), self.input_size)
 
     def _load_start(self, model: torch.nn.Module) -> None:
         """Uploaded weights or the cached ImageNet weights, if the config asks for either."""
@@ -233,7 +259,7 @@ class MaskTuneRun:
             source = f"the ImageNet weights of {cfg.architecture}"
         else:
             return
-        classes = len(self.prepared["classes"])
+        classes = len(self.index["classes"])
         if replaced:  # a warning, so the job's events always keep it: the head starts untrained
             self._emit("warning", 0.0, f"started from {source} with a fresh {classes}-class head "
                        "(the file's head had another class count)", head_replaced=True)
@@ -242,8 +268,8 @@ class MaskTuneRun:
 
     def _stage_erm(self) -> None:
         cfg = self.config.erm
-        erm_dir = self.workdir / "erm"
-        erm_dir.mkdir(exist_ok=True)
+        best_path, last_path = self.workdir / rf.ERM_BEST, self.workdir / rf.ERM_LAST
+        best_path.parent.mkdir(exist_ok=True)
         torch.manual_seed(self.config.seed)
         model = self.new_model()
         # Refuses models xGradCAM cannot read (vision transformers) before ERM, not after it.
@@ -255,33 +281,32 @@ class MaskTuneRun:
         train, val = self.split("train"), self.split("val")
         loop = self._loop()
         if cfg.epochs == 0:
-            val_acc = accuracy(predict_logits(model, val.images, cfg.batch_size, loop), val.labels)
-            for name in ("best.pt", "last.pt"):
-                save_checkpoint(erm_dir / name, model, optimizer, epoch=-1, val_accuracy=val_acc, best_val_accuracy=val_acc)
+            val_acc = accuracy(predict_logits(model, val, cfg.batch_size, loop), val.labels)
+            for path in (best_path, last_path):
+                save_checkpoint(path, model, optimizer, epoch=-1, val_accuracy=val_acc, best_val_accuracy=val_acc)
             self._emit("progress", 1.0, "ERM skipped: the uploaded weights are the ERM model", val_accuracy=val_acc)
             return
         start, best = 0, float("-inf")
-        if (erm_dir / "last.pt").exists():
-            extra = load_checkpoint(erm_dir / "last.pt", model, optimizer)
+        if last_path.exists():
+            extra = load_checkpoint(last_path, model, optimizer)
             start, best = extra["epoch"] + 1, extra["best_val_accuracy"]
             self._emit("progress", start / cfg.epochs, f"resuming ERM after epoch {start}", resumed_from_epoch=start)
         for epoch in range(start, cfg.epochs):
             loop.on_batch = lambda done, total, e=epoch: self._emit("progress", (e + done / total) / cfg.epochs)
-            stats = train_one_epoch(model, optimizer, train.images, train.labels, cfg.batch_size,
-                                    epoch_generator(self.config.seed, "erm", epoch), loop)
-            val_acc = accuracy(predict_logits(model, val.images, cfg.batch_size, loop), val.labels)
+            stats = train_one_epoch(model, optimizer, train, cfg.batch_size, epoch_generator(self.config.seed, "erm", epoch), loop)
+            val_acc = accuracy(predict_logits(model, val, cfg.batch_size, loop), val.labels)
             if val_acc > best:
                 best = val_acc
-                save_checkpoint(erm_dir / "best.pt", model, optimizer, epoch=epoch, val_accuracy=val_acc, best_val_accuracy=best)
-            save_checkpoint(erm_dir / "last.pt", model, optimizer, epoch=epoch, val_accuracy=val_acc, best_val_accuracy=best)
+                save_checkpoint(best_path, model, optimizer, epoch=epoch, val_accuracy=val_acc, best_val_accuracy=best)
+            save_checkpoint(last_path, model, optimizer, epoch=epoch, val_accuracy=val_acc, best_val_accuracy=best)
             self._emit("epoch", (epoch + 1) / cfg.epochs, f"ERM epoch {epoch + 1}/{cfg.epochs}",
                        phase="erm", epoch=epoch + 1, epochs=cfg.epochs, train_loss=stats["loss"],
                        train_accuracy=stats["accuracy"], val_accuracy=val_acc, best_val_accuracy=best)
 
     def _masking_source(self, iteration: int) -> Path:
         if iteration > 1:
-            return self.workdir / f"finetune_{iteration - 1}.pt"
-        return self.workdir / "erm" / f"{self.config.masking.checkpoint}.pt"
+            return self.workdir / rf.finetune_checkpoint(iteration - 1)
+        return self.workdir / {"best": rf.ERM_BEST, "last": rf.ERM_LAST}[self.config.masking.checkpoint]
 
     def _stage_saliency(self, iteration: int) -> None:
         cfg = self.config.masking
@@ -290,60 +315,64 @@ class MaskTuneRun:
         model.to(self.device)
         target = saliency_target_layer(model, self.config.model.architecture, self.input_size)
         train = self.split("train")
-        images = train.images
+        side = self.input_size
         previous = None
         if iteration > 1 and self.config.accumulative_masking:
-            previous = torch.load(self.workdir / f"saliency_{iteration - 1}.pt", weights_only=True)["masks"]
-            images = apply_masks(images, previous)
+            previous = RowFile(self.workdir / rf.masks_file(iteration - 1))
         preview_idx = torch.randperm(len(train), generator=epoch_generator(self.config.seed, "preview", 0))[: self.config.preview_count]
-        masks, preview_maps = [], {}
+        preview_maps: dict[int, torch.Tensor] = {}
+        masked_pixels = images_with_mask = 0
         loop = self._loop()
-        for start in range(0, len(images), cfg.batch_size):
-            if self.should_cancel():
-                raise JobCancelled()
-            batch = images[start:start + cfg.batch_size]
-            maps, _ = saliency_maps(cfg.method, model, target, model_input(batch, loop))
-            maps = maps.cpu()
-            masks.append(threshold_masks(maps, cfg.threshold_std))
-            for i in preview_idx.tolist():
-                if start <= i < start + len(batch):
-                    preview_maps[i] = maps[i - start]
-            self._emit("progress", min(1.0, (start + len(batch)) / len(images)))
-        masks = torch.cat(masks)
-        if previous is not None:
-            masks |= previous
-        masked_fraction = masks.float().mean().item()
-        torch.save({
-            "masks": masks,
-            "preview_index": preview_idx,
-            "preview_maps": torch.stack([preview_maps[i] for i in preview_idx.tolist()]) if len(preview_idx) else torch.empty(0),
-            "masked_pixel_fraction": masked_fraction,
-            "images_with_mask_fraction": masks.flatten(1).any(1).float().mean().item(),
-        }, self.workdir / f"saliency_{iteration}.pt")
+        batches = in_order(len(train), cfg.batch_size)
+        with rf.atomic_path(self.workdir / rf.masks_file(iteration)) as tmp, \
+                RowFile.create(tmp, (len(train), (side * side + 7) // 8), np.uint8) as masks_out, \
+                closing(read_ahead(train, batches, previous)) as batch_images:
+            for idx, images in zip(batches, batch_images):
+                if self.should_cancel():
+                    raise JobCancelled()
+                maps, _ = saliency_maps(cfg.method, model, target, model_input(images, loop))
+                maps = maps.cpu()
+                masks = threshold_masks(maps, cfg.threshold_std)
+                if previous is not None:
+                    masks |= unpack_masks(previous.read(idx), side)
+                masks_out.write(int(idx[0]), pack_masks(masks))
+                masked_pixels += int(masks.sum())
+                images_with_mask += int(masks.flatten(1).any(1).sum())
+                for i in preview_idx.tolist():
+                    if idx[0] <= i <= idx[-1]:
+                        preview_maps[i] = maps[i - int(idx[0])]
+                self._emit("progress", min(1.0, (int(idx[-1]) + 1) / len(train)))
+        masked_fraction = masked_pixels / max(len(train) * side * side, 1)
+        with rf.atomic_path(self.workdir / rf.saliency_stats(iteration)) as tmp:
+            torch.save({
+                "preview_index": preview_idx,
+                "preview_maps": torch.stack([preview_maps[i] for i in preview_idx.tolist()]) if len(preview_idx) else torch.empty(0),
+                "masked_pixel_fraction": masked_fraction,
+                "images_with_mask_fraction": images_with_mask / max(len(train), 1),
+            }, tmp)
         self._emit("progress", 1.0, f"masked {masked_fraction:.2%} of the training pixels", masked_pixel_fraction=masked_fraction)
 
     def _stage_finetune(self, iteration: int) -> None:
         model = self.new_model()
         model.to(self.device)
         optimizer = make_optimizer(model, self.config.erm)
-        start = self.workdir / ("erm/last.pt" if iteration == 1 else f"finetune_{iteration - 1}.pt")
+        start = self.workdir / (rf.ERM_LAST if iteration == 1 else rf.finetune_checkpoint(iteration - 1))
         load_checkpoint(start, model, optimizer)
-        train = self.split("train")
-        masks = torch.load(self.workdir / f"saliency_{iteration}.pt", weights_only=True)["masks"]
-        masked = apply_masks(train.images, masks)
+        train, val = self.split("train"), self.split("val")
+        masks = RowFile(self.workdir / rf.masks_file(iteration))
         batch_size = self.config.finetune.batch_size or self.config.erm.batch_size
         epochs = self.config.finetune.epochs
         loop = self._loop()
         for epoch in range(epochs):
             loop.on_batch = lambda done, total, e=epoch: self._emit("progress", (e + done / total) / epochs)
-            stats = train_one_epoch(model, optimizer, masked, train.labels, batch_size,
-                                    epoch_generator(self.config.seed, "finetune", iteration * 1000 + epoch), loop)
-            val = self.split("val")
-            val_acc = accuracy(predict_logits(model, val.images, batch_size, loop), val.labels)
+            stats = train_one_epoch(model, optimizer, train, batch_size,
+                                    epoch_generator(self.config.seed, "finetune", iteration * 1000 + epoch), loop, masks)
+            val_acc = accuracy(predict_logits(model, val, batch_size, loop), val.labels)
             self._emit("epoch", (epoch + 1) / epochs, f"finetune epoch {epoch + 1}/{epochs}", phase="finetune",
                        iteration=iteration, epoch=epoch + 1, epochs=epochs, train_loss=stats["loss"],
                        train_accuracy=stats["accuracy"], val_accuracy=val_acc)
-        save_checkpoint(self.workdir / f"finetune_{iteration}.pt", model, optimizer, iteration=iteration)
+        masks.close()
+        save_checkpoint(self.workdir / rf.finetune_checkpoint(iteration), model, optimizer, iteration=iteration)
 
     def _trained(self, checkpoint: str) -> torch.nn.Module:
         model = self.new_model()
@@ -351,10 +380,10 @@ class MaskTuneRun:
         return model.to(self.device)
 
     def _stage_evaluate(self) -> None:
-        p = self.prepared
+        p = self.index
         rounds = self.config.masktune_iterations
-        models = {"erm": self._trained("erm/best.pt"), "masktune": self._trained(f"finetune_{rounds}.pt"),
-                  "erm_last": self._trained("erm/last.pt")}
+        models = {"erm": self._trained(rf.ERM_BEST), "masktune": self._trained(rf.finetune_checkpoint(rounds)),
+                  "erm_last": self._trained(rf.ERM_LAST)}
         shares = group_shares(self.split("train").groups, p["groups"])
         loop = self._loop()
         batch = self.config.masking.batch_size
@@ -364,10 +393,10 @@ class MaskTuneRun:
         for n, split_name in enumerate(splits):
             s = self.split(split_name)
             for name, model in models.items():
-                logits[name, split_name] = predict_logits(model, s.images, batch, loop)
+                logits[name, split_name] = predict_logits(model, s, batch, loop)
                 metrics[name][split_name] = split_metrics(logits[name, split_name], s.labels, s.groups, p["classes"], p["groups"], shares)
             self._emit("progress", (n + 1) / len(splits))
-        saliency = torch.load(self.workdir / f"saliency_{rounds}.pt", weights_only=True)
+        saliency = torch.load(self.workdir / rf.saliency_stats(rounds), weights_only=True)
         metrics["masking"] = {
             "masked_pixel_fraction": saliency["masked_pixel_fraction"],
             "images_with_mask_fraction": saliency["images_with_mask_fraction"],
@@ -383,36 +412,39 @@ class MaskTuneRun:
                 metrics["selective"] = {"skipped": "the dataset has no test split"}
         if not metrics["verdict"]["improved"]:
             self._emit("warning", 1.0, metrics["verdict"]["message"])
-        _write_json(self.workdir / "metrics.json", metrics)
+        rf.write_json(self.workdir / rf.METRICS, metrics)
 
     def _stage_export(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rounds = self.config.masktune_iterations
-        save_weights(self._trained(f"finetune_{rounds}.pt"), self.out_dir / "model.safetensors")
-        save_weights(self._trained("erm/best.pt"), self.out_dir / "erm.safetensors")
-        saliency = torch.load(self.workdir / "saliency_1.pt", weights_only=True)
+        save_weights(self._trained(rf.finetune_checkpoint(rounds)), self.out_dir / "model.safetensors")
+        save_weights(self._trained(rf.ERM_BEST), self.out_dir / "erm.safetensors")
+        saliency = torch.load(self.workdir / rf.saliency_stats(1), weights_only=True)
         idx = saliency["preview_index"]
         train = self.split("train")
         if len(idx):
-            captions = [f"{train.names[i]} (class {self.prepared['classes'][train.labels[i]]})" for i in idx.tolist()]
-            render_previews(train.images[idx], saliency["preview_maps"], saliency["masks"][idx], captions, self.out_dir / "previews.png")
+            names = train.names
+            captions = [f"{names[i]} (class {self.index['classes'][train.labels[i]]})" for i in idx.tolist()]
+            with RowFile(self.workdir / rf.masks_file(1)) as masks:
+                preview_masks = unpack_masks(masks.read(idx), self.input_size)
+            render_previews(train.pixels(idx), saliency["preview_maps"], preview_masks, captions, self.out_dir / "previews.png")
         resolved = self.config.model_copy(deep=True)
         resolved.data.input_size = self.input_size
-        _write_json(self.out_dir / "config.json", {
+        rf.write_json(self.out_dir / "config.json", {
             "config": resolved.model_dump(mode="json"),
             "seed": self.config.seed,
             "dataset_sha256": self.dataset_sha256,
             "initial_weights_sha256": dataset_sha256(self.initial_weights) if self.initial_weights else None,
             "device": str(self.device),
-            "classes": self.prepared["classes"],
-            "groups": self.prepared["groups"],
-            "dataset_summary": self.prepared["summary"],
+            "classes": self.index["classes"],
+            "groups": self.index["groups"],
+            "dataset_summary": self.index["summary"],
             "versions": library_versions(),
         })
-        write_model_card(self.out_dir / "model_card.json", self.config.model.architecture, self.prepared["classes"],
+        write_model_card(self.out_dir / rf.MODEL_CARD, self.config.model.architecture, self.index["classes"],
                          self.input_size, self.config.data.normalization)
-        shutil.copyfile(self.workdir / "metrics.json", self.out_dir / "metrics.json.tmp")
-        (self.out_dir / "metrics.json.tmp").replace(self.out_dir / "metrics.json")
+        with rf.atomic_path(self.out_dir / rf.METRICS) as tmp:
+            shutil.copyfile(self.workdir / rf.METRICS, tmp)
 
 
 def run_masktune(data: str | Path, out_dir: str | Path, config: JobConfig | None = None, **kwargs) -> dict:

@@ -1,22 +1,29 @@
-"""Training and inference loops over in-memory uint8 images, and checkpoints.
+"""Training and inference loops over a split's uint8 images on disk, and checkpoints.
 
-Shuffling and augmentation draw from a generator seeded per epoch, so an epoch
-replayed after a resume sees the same batches as the uninterrupted run.
+Batches are read (and masked) by a background thread a couple of batches ahead, so
+memory holds a few batches whatever the dataset's size, and the model does not wait
+on the disk. Shuffling and augmentation draw from a generator seeded per epoch, so
+an epoch replayed after a resume sees the same batches as the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from jobspec import ErmConfig
-from .data import augment, normalize, to_float
+from .data import SplitRows, augment, normalize, to_float
 from .errors import JobCancelled
+from .masking import apply_masks, unpack_masks
+from .rowfile import RowFile
 
 
 @dataclass
@@ -38,35 +45,76 @@ def epoch_generator(seed: int, phase: str, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + phase_code * 10_007 + epoch)
 
 
+def read_ahead(split: SplitRows, batches: Sequence[torch.Tensor], masks: RowFile | None = None,
+               depth: int = 2) -> Iterator[torch.Tensor]:
+    """uint8 [n, 3, S, S] images of each batch of split positions, in order; masked when ``masks``
+    (packed, one row per position) is given. A thread reads ``depth`` batches ahead."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer left early
+
+    def produce() -> None:
+        try:
+            for idx in batches:
+                images = split.pixels(idx)
+                if masks is not None:
+                    images = apply_masks(images, unpack_masks(masks.read(idx), images.shape[-1]))
+                if not hand_over((images, None)):
+                    return
+        except BaseException as exc:  # raised in the consumer
+            hand_over((None, exc))
+
+    reader = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    reader.start()
+    try:
+        for _ in batches:
+            images, error = ready.get()
+            if error is not None:
+                raise error
+            yield images
+    finally:
+        stop.set()
+        reader.join()
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images_u8: torch.Tensor,
-    labels: torch.Tensor,
+    data: SplitRows,
     batch_size: int,
     generator: torch.Generator,
     loop: LoopSettings,
+    masks: RowFile | None = None,
 ) -> dict[str, float]:
-    """One pass in random order; returns the mean training loss and accuracy."""
+    """One pass in random order (over the masked images when ``masks`` is given); returns the mean training loss and accuracy."""
     model.train()
-    order = torch.randperm(len(labels), generator=generator)
+    order = torch.randperm(len(data), generator=generator)
     batches = list(torch.split(order, batch_size))
     total_loss, correct = 0.0, 0
-    for step, idx in enumerate(batches):
-        if loop.should_cancel():
-            raise JobCancelled()
-        x = augment(to_float(images_u8[idx]), loop.augmentation, generator)
-        x = normalize(x.to(loop.device, non_blocking=True), loop.normalization)
-        y = labels[idx].to(loop.device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(idx)
-        correct += (logits.argmax(1) == y).sum().item()
-        loop.on_batch(step + 1, len(batches))
-    n = max(len(labels), 1)
+    with closing(read_ahead(data, batches, masks)) as batch_images:
+        for step, (idx, images_u8) in enumerate(zip(batches, batch_images)):
+            if loop.should_cancel():
+                raise JobCancelled()
+            x = augment(to_float(images_u8), loop.augmentation, generator)
+            x = normalize(x.to(loop.device, non_blocking=True), loop.normalization)
+            y = data.labels[idx].to(loop.device, non_blocking=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+            loop.on_batch(step + 1, len(batches))
+    n = max(len(data), 1)
     return {"loss": total_loss / n, "accuracy": correct / n}
 
 
@@ -75,18 +123,22 @@ def model_input(images_u8: torch.Tensor, loop: LoopSettings) -> torch.Tensor:
     return normalize(to_float(images_u8).to(loop.device), loop.normalization)
 
 
+def in_order(count: int, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.arange(count).split(batch_size))
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images_u8: torch.Tensor, batch_size: int, loop: LoopSettings) -> torch.Tensor:
+def predict_logits(model: nn.Module, data: SplitRows, batch_size: int, loop: LoopSettings) -> torch.Tensor:
     """Eval-mode logits on the CPU, float32 [N, classes]."""
     was_training = model.training
     model.eval()
     out = []
     try:
-        for start in range(0, len(images_u8), batch_size):
-            if loop.should_cancel():
-                raise JobCancelled()
-            x = model_input(images_u8[start:start + batch_size], loop)
-            out.append(model(x).float().cpu())
+        with closing(read_ahead(data, in_order(len(data), batch_size))) as batch_images:
+            for images_u8 in batch_images:
+                if loop.should_cancel():
+                    raise JobCancelled()
+                out.append(model(model_input(images_u8, loop)).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

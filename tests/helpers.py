@@ -58,3 +58,29 @@ def random_image(path: Path, size=(8, 8), seed=0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr, "RGB").save(path)
     return path
+
+
+CELEBA_ATTRIBUTES = ["Blond_Hair", "Male", "Smiling"]
+
+
+def write_celeba(root: Path, n: int = 24, fmt: str = "txt", size=(8, 8)) -> Path:
+    """CelebA's own layout in miniature: img_align_celeba/ and the two list files (txt or csv).
+
+    Image i is blond when i is odd (red, else blue), male when (i // 8) is odd; pairs of images
+    share a partition (0 train, 1 val, 2 test), so every split holds both classes."""
+    root = Path(root)
+    partition, attrs = [], []
+    for i in range(n):
+        name = f"{i + 1:06d}.jpg"
+        blond, male, smiling = i % 2, (i // 8) % 2, (i // 3) % 2
+        write_image(root / "img_align_celeba" / name, COLOURS[blond], size=size, fmt="JPEG")
+        partition.append((name, {0: 0, 1: 0, 2: 1, 3: 2}[(i // 2) % 4]))
+        attrs.append((name, [1 if v else -1 for v in (blond, male, smiling)]))
+    sep = "," if fmt == "csv" else " "
+    lines = ["image_id,partition"] if fmt == "csv" else []
+    (root / f"list_eval_partition.{fmt}").write_text("\n".join(lines + [f"{a}{sep}{b}" for a, b in partition]) + "\n")
+    head = ["image_id," + ",".join(CELEBA_ATTRIBUTES)] if fmt == "csv" else [str(n), " ".join(CELEBA_ATTRIBUTES) + " "]
+    # The original txt pads the values with two spaces where a value is positive.
+    body = [sep.join([name] + [str(v) if fmt == "csv" else f"{v:2d}" for v in values]) for name, values in attrs]
+    (root / f"list_attr_celeba.{fmt}").write_text("\n".join(head + body) + "\n")
+    return root

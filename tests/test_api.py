@@ -249,7 +249,12 @@ def test_bad_dataset_uploads(a):
     assert body["errors"]
     body = assert_problem(a.post("/v1/datasets", files={"name": (None, b"x")}), 422, "validation_error")
     assert body["errors"][0]["loc"] == ["body", "file"]
-    assert_problem(a.post("/v1/datasets", json={"file": "x"}), 415, "unsupported_media_type")
+    # JSON registers a dataset by URL: a file field is not part of that body
+    body = assert_problem(a.post("/v1/datasets", json={"file": "x"}), 422, "validation_error")
+    assert ["body", "url"] in [e["loc"] for e in body["errors"]]
+    assert_problem(a.post("/v1/datasets", content=b"x", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type")
+    # no MASKTUNE_DATASET_URL_PREFIXES here: no tenant may register a URL
+    assert_problem(a.post("/v1/datasets", json={"url": "s3://bucket/data/"}), 422, "dataset_url_not_allowed")
     truncated = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="t.zip"\r\n\r\nPK partial'
     r = a.post("/v1/datasets", content=truncated, headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
     assert_problem(r, 400, "malformed_multipart")
@@ -588,10 +593,10 @@ def test_broker_down_means_503_and_nothing_kept(tmp_path_factory):
 # ---------------------------------------------------------------------------- content types
 
 def test_wrong_content_types_get_415(a, dataset_a):
-    # Uploads take multipart/form-data only.
+    # Uploads take multipart/form-data only (datasets also JSON: a dataset by URL, tested with the other bad bodies).
+    assert_problem(a.post("/v1/models", json={"file": "x", "architecture": "small_cnn", "num_classes": 2}), 415,
+                   "unsupported_media_type")
     for path in ("/v1/datasets", "/v1/models"):
-        assert_problem(a.post(path, json={"file": "x", "architecture": "small_cnn", "num_classes": 2}), 415,
-                       "unsupported_media_type")
         assert_problem(a.post(path, data={"file": "x", "architecture": "small_cnn", "num_classes": "2"}), 415,
                        "unsupported_media_type")
         assert_problem(a.post(path, content=b"PK\x03\x04", headers={"Content-Type": "application/zip"}), 415,

@@ -3,7 +3,7 @@ import subprocess
 import sys
 import zipfile
 
-from masktune_core.pipeline import ARTIFACTS
+from masktune_core.runfolder import ARTIFACTS
 
 
 def run_cli(*args, cwd=None):
@@ -20,7 +20,7 @@ def test_cli_runs_on_a_zip_and_writes_the_artifacts(tiny_digits, tmp_path):
     config.write_text(json.dumps({"masking": {"batch_size": 50}, "erm": {"epochs": 7, "momentum": 0.5}}))
     out = tmp_path / "out"
     result = run_cli("run", "--data", archive, "--arch", "small_cnn", "--out", out, "--epochs", 2,
-                     "--lr", 0.02, "--batch-size", 64, "--seed", 3, "--config", config)
+                     "--lr", 0.02, "--batch-size", 64, "--seed", 3, "--config", config, "--cache-dir", tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert {a for a in ARTIFACTS} <= {p.name for p in out.iterdir()}
     assert "worst_group_accuracy" in result.stdout and "MaskTune" in result.stdout
@@ -29,14 +29,16 @@ def test_cli_runs_on_a_zip_and_writes_the_artifacts(tiny_digits, tmp_path):
     assert resolved["config"]["erm"] == {"epochs": 2, "lr": 0.02, "batch_size": 64, "momentum": 0.5, "weight_decay": 0.0001}
     assert resolved["config"]["masking"]["batch_size"] == 50 and resolved["seed"] == 3
     assert "erm" in result.stderr and "export" in result.stderr  # progress per stage
+    assert len(list((tmp_path / "cache").glob("*/28px-*/images.npy"))) == 1  # decoded once, kept for later runs
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"this is not a zip")
-    result = run_cli("run", "--data", tmp_path / "bad.zip", "--arch", "small_cnn", "--out", tmp_path / "out")
+    cache = ("--cache-dir", tmp_path / "cache")
+    result = run_cli("run", "--data", tmp_path / "bad.zip", "--arch", "small_cnn", "--out", tmp_path / "out", *cache)
     assert result.returncode == 2
     assert "error:" in result.stderr and "archive" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("run", "--data", tmp_path / "bad.zip", "--arch", "vgg99", "--out", tmp_path / "out")
+    result = run_cli("run", "--data", tmp_path / "bad.zip", "--arch", "vgg99", "--out", tmp_path / "out", *cache)
     assert result.returncode == 2 and "unknown architecture" in result.stderr
-    result = run_cli("run", "--data", tmp_path / "bad.zip", "--out", tmp_path / "out", "--epochs", -3)
+    result = run_cli("run", "--data", tmp_path / "bad.zip", "--out", tmp_path / "out", "--epochs", -3, *cache)
     assert result.returncode == 2 and "invalid config" in result.stderr

@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import COLOURS, names, random_image, write_class_folder, write_image, write_manifest, write_manifest_dataset
-from masktune_core import data
-from masktune_core.data import augment, dataset_sha256, decode_dataset, index_dataset, normalize, summarize
+from helpers import (CELEBA_ATTRIBUTES, COLOURS, names, random_image, write_celeba, write_class_folder, write_image, write_manifest,
+                     write_manifest_dataset)
+from masktune_core import decoded
+from masktune_core.data import (LabelAttributeRequired, augment, dataset_sha256, decode_dataset, index_dataset, inspect_images,
+                                normalize, summarize)
 from masktune_core.errors import DatasetError
 
 # ---------------------------------------------------------------- ImageFolder
@@ -156,6 +158,126 @@ def test_waterbirds_style_manifest(tmp_path):
     assert summarize(idx)["splits"]["train"]["per_group"] == {g: 2 for g in idx.groups}
 
 
+def test_subpopbench_metadata_groups_by_label_and_a(tmp_path):
+    rows = [(f"imgs/{split}_{y}_{a}_{i}.png", y, split, a, i)
+            for split in (0, 1, 2) for y in (0, 1) for a in (0, 1) for i in range(2)]
+    for name, y, *_ in rows:
+        write_image(tmp_path / name, COLOURS[y])
+    write_manifest(tmp_path, ["filename", "y", "split", "a", "id"], rows)
+    idx = index_dataset(tmp_path)
+    assert idx.layout == "manifest" and idx.classes == ["0", "1"]
+    assert idx.groups == ["y=0/a=0", "y=0/a=1", "y=1/a=0", "y=1/a=1"]
+    assert {s: len(v) for s, v in idx.splits.items()} == {"train": 8, "val": 8, "test": 8}
+    sample = next(x for x in idx.splits["test"] if x.name == "imgs/2_1_0_1.png")
+    assert (idx.classes[sample.label], idx.groups[sample.group]) == ("1", "y=1/a=0")
+
+
+# ---------------------------------------------------------------- CelebA
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv"])
+def test_celeba_layout_label_and_group_attributes(tmp_path, fmt):
+    write_celeba(tmp_path / "celeba", n=24, fmt=fmt)
+    idx = index_dataset(tmp_path, label_attribute="Blond_Hair", group_attribute="Male")
+    assert idx.layout == "celeba"
+    assert idx.classes == ["not_Blond_Hair", "Blond_Hair"]
+    assert idx.groups == ["not_Blond_Hair/Male", "not_Blond_Hair/not_Male", "Blond_Hair/Male", "Blond_Hair/not_Male"]
+    assert idx.split_origin == {"train": "dataset", "val": "dataset", "test": "dataset"}
+    assert {s: len(v) for s, v in idx.splits.items()} == {"train": 12, "val": 6, "test": 6}
+    blond_male = next(x for x in idx.splits["train"] if x.name == "img_align_celeba/000010.jpg")  # i = 9
+    assert (idx.classes[blond_male.label], idx.groups[blond_male.group]) == ("Blond_Hair", "Blond_Hair/Male")
+    assert blond_male.path.is_file()
+    split = decode_dataset(idx, 8, tmp_path / "cache").splits["train"]
+    assert split.labels.tolist() == [s.label for s in idx.splits["train"]]
+
+
+def test_celeba_without_group_and_kaggle_nesting(tmp_path):
+    write_celeba(tmp_path, n=16, fmt="csv")
+    (tmp_path / "img_align_celeba").rename(tmp_path / "inner")
+    (tmp_path / "img_align_celeba").mkdir()
+    (tmp_path / "inner").rename(tmp_path / "img_align_celeba" / "img_align_celeba")
+    idx = index_dataset(tmp_path, label_attribute="Smiling")
+    assert idx.classes == ["not_Smiling", "Smiling"] and idx.groups is None
+    assert sum(len(v) for v in idx.splits.values()) == 16
+    assert next(iter(idx.splits["train"])).name.startswith("img_align_celeba/img_align_celeba/")
+
+
+def test_celeba_needs_a_known_label_attribute(tmp_path):
+    write_celeba(tmp_path, n=12)
+    with pytest.raises(LabelAttributeRequired) as info:
+        index_dataset(tmp_path)
+    assert "data.label_attribute" in str(info.value) and "Blond_Hair" in str(info.value)
+    overview = info.value.overview
+    assert overview["layout"] == "celeba" and overview["attributes"] == CELEBA_ATTRIBUTES and overview["images"] == 12
+    assert overview["partitions"] == {"train": 8, "val": 2, "test": 2} and "data.label_attribute" in overview["note"]
+    with pytest.raises(DatasetError, match="'Red_Hair' is not an attribute.*Blond_Hair"):
+        index_dataset(tmp_path, label_attribute="Red_Hair")
+    with pytest.raises(DatasetError, match="group_attribute 'Bald'"):
+        index_dataset(tmp_path, label_attribute="Male", group_attribute="Bald")
+    with pytest.raises(DatasetError, match="must differ"):
+        index_dataset(tmp_path, label_attribute="Male", group_attribute="Male")
+
+
+def test_label_attribute_on_another_layout_is_refused(tmp_path):
+    write_manifest_dataset(tmp_path, _manifest_rows())
+    with pytest.raises(DatasetError, match="CelebA layout only"):
+        index_dataset(tmp_path, label_attribute="Blond_Hair")
+
+
+def test_celeba_rows_without_images_or_partition_are_skipped(tmp_path):
+    write_celeba(tmp_path, n=16)
+    (tmp_path / "img_align_celeba" / "000003.jpg").unlink()
+    attr = tmp_path / "list_attr_celeba.txt"
+    attr.write_text(attr.read_text() + "999999.jpg -1 1 1\n000004.jpg 1\n")
+    idx = index_dataset(tmp_path, label_attribute="Blond_Hair")
+    reasons = {s["file"]: s["reason"] for s in idx.skipped}
+    assert "no such file" in reasons["000003.jpg"] and "no such file" in reasons["999999.jpg"]
+    assert sum(len(v) for v in idx.splits.values()) == 15
+
+
+def test_celeba_and_subpopbench_archives_unpack_and_index(tmp_path):
+    import zipfile
+
+    from masktune_core.archive import extract_archive
+
+    write_celeba(tmp_path / "celeba" / "celeba", n=16, fmt="csv")
+    subpop = tmp_path / "subpop" / "waterbirds"
+    rows = [(f"images/{split}_{y}_{a}.jpg", split, y, a) for split in (0, 1, 2) for y in (0, 1) for a in (0, 1)]
+    for name, _, y, _ in rows:
+        write_image(subpop / name, COLOURS[y], fmt="JPEG")
+    write_manifest(subpop, ["filename", "split", "y", "a"], rows)
+    for name in ("celeba", "subpop"):
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as zf:
+            for path in sorted((tmp_path / name).rglob("*")):
+                zf.write(path, path.relative_to(tmp_path / name))
+    celeba = index_dataset(extract_archive(tmp_path / "celeba.zip", tmp_path / "out-celeba"), label_attribute="Blond_Hair")
+    assert celeba.layout == "celeba" and sum(len(v) for v in celeba.splits.values()) == 16
+    subpop_index = index_dataset(extract_archive(tmp_path / "subpop.zip", tmp_path / "out-subpop"))
+    assert subpop_index.groups == ["y=0/a=0", "y=0/a=1", "y=1/a=0", "y=1/a=1"]
+    assert {s: len(v) for s, v in subpop_index.splits.items()} == {"train": 4, "val": 4, "test": 4}
+
+
+def test_celeba_index_of_200k_rows_is_fast(tmp_path):
+    """CelebA's attribute file has 202,599 lines: indexing reads it once and lists the folder once."""
+    import time
+
+    n = 202_599
+    images = tmp_path / "img_align_celeba"
+    images.mkdir()
+    names_ = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for name in names_[:2000]:  # the rest are listed but absent: the row loop still runs for all
+        (images / name).touch()
+    (tmp_path / "list_eval_partition.txt").write_text("".join(f"{m} {i % 3}\n" for i, m in enumerate(names_)))
+    rows = [" ".join(["-1", "1"] * 20), " ".join(["1", "-1"] * 20)]
+    (tmp_path / "list_attr_celeba.txt").write_text(
+        f"{n}\n" + " ".join(f"A{j}" for j in range(40)) + "\n" + "".join(f"{m} {rows[i % 2]}\n" for i, m in enumerate(names_)))
+    start = time.perf_counter()
+    idx = index_dataset(tmp_path, label_attribute="A1", group_attribute="A0")
+    elapsed = time.perf_counter() - start
+    assert idx.skipped and sum(len(v) for v in idx.splits.values()) + len(idx.skipped) == n
+    assert elapsed < 5, elapsed
+
+
 def test_metadata_csv_preferred_among_several_csvs(tmp_path):
     write_manifest_dataset(tmp_path, _manifest_rows())
     write_manifest(tmp_path, ["foo", "bar"], [[1, 2]], name="notes.csv")
@@ -278,13 +400,14 @@ def test_decode_many_modes_to_uint8_rgb(tmp_path):
     _save(t / "b" / "rgb.jpg", Image.new("RGB", (7, 11), (0, 255, 0)))
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 16, workers=1)
+    dec = decode_dataset(idx, 16, tmp_path / "cache", workers=1)
     tr = dec.splits["train"]
-    assert tr.images.dtype == torch.uint8
-    assert tuple(tr.images.shape) == (8, 3, 16, 16)
-    assert tuple(dec.splits["val"].images.shape) == (2, 3, 16, 16)
+    images = tr.pixels()
+    assert images.dtype == torch.uint8
+    assert tuple(images.shape) == (8, 3, 16, 16)
+    assert tuple(dec.splits["val"].pixels().shape) == (2, 3, 16, 16)
     assert tr.labels.dtype == torch.int64 and sorted(tr.labels.tolist()) == [0] * 4 + [1] * 4
-    px = {n.split("/")[-1]: tr.images[i, :, 8, 8].tolist() for i, n in enumerate(tr.names)}
+    px = {n.split("/")[-1]: images[i, :, 8, 8].tolist() for i, n in enumerate(tr.names)}
     assert px["l.png"] == [200, 200, 200]
     assert px["p.png"] == [255, 0, 0]
     assert px["rgb.jpg"][1] > 200 and px["rgb.jpg"][0] < 40
@@ -300,9 +423,9 @@ def test_16bit_grey_decodes_to_matching_brightness(tmp_path):
     write_class_folder(tmp_path / "train", {"b": 1})
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 8, workers=1)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=1)
     i = dec.splits["train"].names.index("train/a/x.png")
-    img = dec.splits["train"].images[i]
+    img = dec.splits["train"].pixels([i])[0]
     assert abs(int(img[0, 4, 0]) - round(60000 / 65535 * 255)) <= 2
     assert abs(int(img[0, 4, 7]) - round(20000 / 65535 * 255)) <= 2
     assert int(img[0, 4, 0]) == int(img[1, 4, 0]) == int(img[2, 4, 0])
@@ -317,12 +440,12 @@ def test_broken_images_skipped_and_reported(tmp_path):
     (tmp_path / "train" / "b" / "notimage.png").write_bytes(b"this is text, not a PNG\n" * 4)
     idx = index_dataset(tmp_path)
     assert len(idx.splits["train"]) == 8
-    dec = decode_dataset(idx, 8, workers=2)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=2)
     assert len(dec.splits["train"]) == 6
     assert "train/a/truncated.png" not in dec.splits["train"].names
     skipped = {d["file"] for d in idx.skipped}
     assert skipped == {"train/a/truncated.png", "train/b/notimage.png"}
-    s = summarize(idx, dec)
+    s = summarize(idx, dec.image_stats)
     assert {d["file"] for d in s["skipped"]} == skipped and s["skipped_count"] == 2
     assert s["splits"]["train"]["images"] == 6
     assert all(d["reason"] for d in s["skipped"])
@@ -336,16 +459,16 @@ def test_skipping_every_training_image_of_a_class(tmp_path):
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
     with pytest.raises(DatasetError, match="b"):
-        decode_dataset(idx, 8, workers=1)
+        decode_dataset(idx, 8, tmp_path / "cache", workers=1)
 
 
 def test_pixel_limit_from_header(tmp_path, monkeypatch):
     write_class_folder(tmp_path / "train", {"a": 2, "b": 2}, size=(8, 8))
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1}, size=(8, 8))
     write_image(tmp_path / "train" / "a" / "huge.png", size=(20, 20))
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 300)
+    monkeypatch.setattr(decoded, "MAX_IMAGE_PIXELS", 300)
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 8, workers=1)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=1)
     assert "train/a/huge.png" not in dec.splits["train"].names
     assert len(dec.splits["train"]) == 4
     (entry,) = [d for d in idx.skipped if d["file"] == "train/a/huge.png"]
@@ -360,8 +483,8 @@ def test_resize_is_whole_image_not_crop(tmp_path):
     write_class_folder(tmp_path / "train", {"b": 1})
     write_class_folder(tmp_path / "val", {"a": 1, "b": 1})
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 16, workers=1)
-    img = dec.splits["train"].images[dec.splits["train"].names.index("train/a/wide.png")]
+    dec = decode_dataset(idx, 16, tmp_path / "cache", workers=1)
+    img = dec.splits["train"].pixels([dec.splits["train"].names.index("train/a/wide.png")])[0]
     assert img[:, :, :6].tolist() == [[[255] * 6] * 16, [[0] * 6] * 16, [[0] * 6] * 16]
     assert img[:, :, -6:].tolist() == [[[0] * 6] * 16, [[0] * 6] * 16, [[255] * 6] * 16]
 
@@ -373,8 +496,8 @@ def test_summary_sizes_modes_and_counts(tmp_path):
     _save(tmp_path / "val" / "a" / "4.png", Image.new("RGBA", (14, 9)))
     _save(tmp_path / "val" / "b" / "5.png", Image.new("RGB", (9, 40)))
     idx = index_dataset(tmp_path)
-    dec = decode_dataset(idx, 8, workers=1)
-    s = summarize(idx, dec)
+    dec = decode_dataset(idx, 8, tmp_path / "cache", workers=1)
+    s = summarize(idx, dec.image_stats)
     sizes = s["image_sizes"]
     assert (sizes["min_width"], sizes["max_width"]) == (8, 25)
     assert (sizes["min_height"], sizes["max_height"]) == (8, 40)
@@ -453,3 +576,20 @@ def test_normalize_imagenet():
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(normalize(x, "imagenet"), (x - mean) / std)
     assert torch.equal(normalize(x, "none"), x)
+
+
+def test_inspection_reads_every_header_and_decodes_a_sample(tmp_path):
+    write_class_folder(tmp_path / "train", {"a": 40, "b": 40})
+    write_class_folder(tmp_path / "val", {"a": 2, "b": 2})
+    good = random_image(tmp_path / "scratch.png", size=(16, 16)).read_bytes()
+    (tmp_path / "scratch.png").unlink()
+    (tmp_path / "train" / "a" / "cut.png").write_bytes(good[:60])  # a whole header, then nothing
+    (tmp_path / "train" / "b" / "text.png").write_bytes(b"not an image at all")
+    idx = index_dataset(tmp_path)
+    stats = inspect_images(idx, sample_size=5, seed=0)
+    # Headers: the text file is refused at once; the cut PNG has a valid header and is left to the decode pass.
+    assert [d["file"] for d in idx.skipped] == ["train/b/text.png"]
+    assert stats["modes"] == {"RGB": 85} and (stats["min_width"], stats["max_width"]) == (8, 16)
+    later = decode_dataset(idx, 8, tmp_path / "cache")
+    assert [d["file"] for d in idx.skipped] == ["train/b/text.png", "train/a/cut.png"]
+    assert len(later.splits["train"]) == 80

@@ -75,11 +75,11 @@ def _upload(client, name: str, payload: bytes, architecture: str, num_classes: i
     return wait_for(client, f"/v1/models/{response.json()['id']}", lambda m: m["status"] != "validating", 120)
 
 
-def _test_accuracy(model: torch.nn.Module, tiny_digits, card: dict) -> float:
+def _test_accuracy(model: torch.nn.Module, tiny_digits, card: dict, cache) -> float:
     size = card["input_size"][-1]
     assert card["normalization"] is None and "no crop" in card["resize"]
-    test = decode_dataset(index_dataset(tiny_digits), size).splits["test"]
-    return accuracy(predict_logits(model.eval(), test.images, 64, LoopSettings(device=torch.device("cpu"))), test.labels)
+    test = decode_dataset(index_dataset(tiny_digits), size, cache).splits["test"]
+    return accuracy(predict_logits(model.eval(), test, 64, LoopSettings(device=torch.device("cpu"))), test.labels)
 
 
 def _artifacts(client, job: dict) -> dict[str, bytes]:
@@ -128,7 +128,7 @@ def test_library_checkpoints_are_accepted_and_hostile_ones_explained(client):
     assert vit["status"] == "invalid" and "transformer" in vit["error"]
 
 
-def test_imagenet_checkpoint_with_a_new_head_round_trips_into_plain_torchvision(client, dataset, tiny_digits):
+def test_imagenet_checkpoint_with_a_new_head_round_trips_into_plain_torchvision(client, dataset, tiny_digits, tmp_path):
     torch.manual_seed(1)
     upload = _upload(client, "in1k.safetensors", save(torchvision.models.mobilenet_v3_small().state_dict()),
                      "mobilenet_v3_small", 1000)
@@ -149,10 +149,10 @@ def test_imagenet_checkpoint_with_a_new_head_round_trips_into_plain_torchvision(
     model = torchvision.models.mobilenet_v3_small(num_classes=2)
     model.load_state_dict(load(files["model.safetensors"]))  # strict, no masktune code
     reported = json.loads(files["metrics.json"])["masktune"]["test"]["overall_accuracy"]
-    assert _test_accuracy(model, tiny_digits, card) == pytest.approx(reported)
+    assert _test_accuracy(model, tiny_digits, card, tmp_path / "cache") == pytest.approx(reported)
 
 
-def test_timm_pretrained_from_the_workers_cache_round_trips_into_plain_timm(client, dataset, tiny_digits, catalog):
+def test_timm_pretrained_from_the_workers_cache_round_trips_into_plain_timm(client, dataset, tiny_digits, catalog, tmp_path):
     job = run_job(client, {"dataset_id": dataset["id"], **SMALL,
                            "model": {"architecture": "timm/convnext_atto", "pretrained": True}})
     assert job["status"] == "succeeded", job["error"]
@@ -163,7 +163,7 @@ def test_timm_pretrained_from_the_workers_cache_round_trips_into_plain_timm(clie
     model.load_state_dict(load(files["erm.safetensors"]))
     model.load_state_dict(load(files["model.safetensors"]))
     reported = json.loads(files["metrics.json"])["masktune"]["test"]["overall_accuracy"]
-    assert _test_accuracy(model, tiny_digits, card) == pytest.approx(reported)
+    assert _test_accuracy(model, tiny_digits, card, tmp_path / "cache") == pytest.approx(reported)
     config = json.loads(files["config.json"])["config"]
     assert config["model"]["pretrained"] is True
 

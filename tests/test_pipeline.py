@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,7 +8,8 @@ from masktune_core import JobConfig, JobCancelled, MaskTuneRun, create_model, lo
 from masktune_core.data import decode_dataset, index_dataset
 from masktune_core.errors import ConfigError, DatasetError
 from masktune_core import pipeline as pipeline_module
-from masktune_core.training import LoopSettings, accuracy, predict_logits
+from masktune_core.masking import unpack_masks
+from masktune_core.training import LoopSettings, accuracy, in_order, predict_logits, read_ahead
 
 FAST = {"erm": {"epochs": 3, "batch_size": 64}, "masking": {"batch_size": 64}, "preview_count": 3, "selective": {"enabled": True}}
 
@@ -20,6 +22,11 @@ def fast_config(**overrides) -> JobConfig:
         else:
             raw[key] = value
     return JobConfig.model_validate(raw)
+
+
+def stored_masks(path) -> torch.Tensor:
+    packed = np.load(path)
+    return unpack_masks(packed, 28)
 
 
 class Recorder:
@@ -72,15 +79,15 @@ def test_run_writes_every_artifact_with_the_documented_shape(reference_run):
     assert config["dataset_summary"]["splits"]["train"]["images"] == 300
 
 
-def test_exported_model_reproduces_the_reported_accuracy(reference_run, tiny_digits):
+def test_exported_model_reproduces_the_reported_accuracy(reference_run, tiny_digits, tmp_path):
     out, metrics, _ = reference_run
     index = index_dataset(tiny_digits)
-    test = decode_dataset(index, 28).splits["test"]
+    test = decode_dataset(index, 28, tmp_path / "cache").splits["test"]
     loop = LoopSettings(device=torch.device("cpu"))
     for artifact, name in (("model.safetensors", "masktune"), ("erm.safetensors", "erm")):
         model = create_model("small_cnn", 2)
         load_weights(model, out / artifact)
-        got = accuracy(predict_logits(model, test.images, 64, loop), test.labels)
+        got = accuracy(predict_logits(model, test, 64, loop), test.labels)
         assert got == pytest.approx(metrics[name]["test"]["overall_accuracy"])
 
 
@@ -127,13 +134,13 @@ def test_finetune_starts_from_last_checkpoint_with_its_optimizer_state(tiny_digi
     seen = {}
     real_train, real_saliency = pipeline_module.train_one_epoch, pipeline_module.saliency_maps
 
-    def spy_train(model, optimizer, images, labels, batch_size, generator, loop):
+    def spy_train(model, optimizer, data, batch_size, generator, loop, masks=None):
         if "erm" in seen and "finetune" not in seen and seen.get("saliency"):
             seen["finetune"] = ({k: v.clone() for k, v in model.state_dict().items()},
                                 [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()],
-                                images.clone())
+                                torch.cat(list(read_ahead(data, in_order(len(data), 64), masks))))
         seen["erm"] = True
-        return real_train(model, optimizer, images, labels, batch_size, generator, loop)
+        return real_train(model, optimizer, data, batch_size, generator, loop, masks)
 
     def spy_saliency(method, model, target, inputs):
         seen.setdefault("saliency", {k: v.clone() for k, v in model.state_dict().items()})
@@ -153,10 +160,10 @@ def test_finetune_starts_from_last_checkpoint_with_its_optimizer_state(tiny_digi
     assert len(saved_momentum) == len(momentum) and all(torch.equal(a, b) for a, b in zip(momentum, saved_momentum))
     for k, v in best["model"].items():  # saliency came from the best checkpoint
         assert torch.equal(seen["saliency"][k], v), k
-    masks = torch.load(tmp_path / "work/saliency_1.pt", weights_only=True)["masks"]
+    masks = stored_masks(tmp_path / "work/masks_1.npy")
     train = run.split("train")
     assert masks.any()
-    assert torch.equal(images, train.images * (~masks).unsqueeze(1))  # finetuned on masked images only
+    assert torch.equal(images, train.pixels() * (~masks).unsqueeze(1))  # finetuned on masked images only
 
 
 def test_erm_can_be_skipped_with_uploaded_weights(reference_run, tiny_digits, tmp_path):
@@ -170,8 +177,8 @@ def test_erm_can_be_skipped_with_uploaded_weights(reference_run, tiny_digits, tm
 def test_several_accumulative_masking_rounds(tiny_digits, tmp_path):
     rec = Recorder()
     run_masktune(tiny_digits, tmp_path, fast_config(masktune_iterations=2, accumulative_masking=True), device="cpu", on_event=rec)
-    first = torch.load(tmp_path / "work/saliency_1.pt", weights_only=True)["masks"]
-    second = torch.load(tmp_path / "work/saliency_2.pt", weights_only=True)["masks"]
+    first = stored_masks(tmp_path / "work/masks_1.npy")
+    second = stored_masks(tmp_path / "work/masks_2.npy")
     assert (second | first).equal(second) and second.sum() > first.sum()
     assert [e.stage for e in rec.events if e.kind == "stage"].count("finetune") == 2
 

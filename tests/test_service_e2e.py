@@ -65,8 +65,8 @@ def accuracy_of_weights(weights: bytes, dataset_dir: Path, tmp_path: Path) -> fl
     path.write_bytes(weights)
     model = create_model("small_cnn", 2)
     load_weights(model, path)
-    split = decode_dataset(index_dataset(dataset_dir), 28).splits["test"]
-    return accuracy(predict_logits(model, split.images, 64, LoopSettings(device=torch.device("cpu"))), split.labels)
+    split = decode_dataset(index_dataset(dataset_dir), 28, tmp_path / "cache").splits["test"]
+    return accuracy(predict_logits(model, split, 64, LoopSettings(device=torch.device("cpu"))), split.labels)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import tempfile
 import threading
@@ -18,18 +19,24 @@ from jobstore.db import session_scope
 from jobstore.jobs import add_event, claim_job, update_job
 from jobstore.models import Artifact, Dataset, Job, Model, utcnow
 from jobstore.settings import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE_MODEL, Settings, get_settings
-from masktune_core import ARTIFACTS, JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
-from masktune_core.archive import extract_archive
-from masktune_core.data import decode_dataset, index_dataset, summarize
+from masktune_core import JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
+from masktune_core import runfolder as rf
+from masktune_core.archive import ExtractionLimits, extract_archive
+from masktune_core.data import LabelAttributeRequired, index_dataset, inspect_images, summarize
+from masktune_core.decoded import decode_image
+from masktune_core.errors import DatasetError
+from masktune_core.metrics import headline
 from masktune_core.models import resolve_input_size, saliency_target_name
 
 from .celery_app import app
+from .dataset_cache import DatasetCache, prune
+from .sources import UrlListing, fetch_all, list_url, stand_in_tree
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {".json": "application/json", ".png": "image/png", ".safetensors": "application/octet-stream"}
 VALIDATION_SIZE = 32  # decoding at a small size proves an image is readable without the full cost
+URL_SAMPLE_IMAGES = 64  # images of a URL dataset fetched and decoded by validation
 
 
 def _blobs(settings: Settings) -> BlobStore:
@@ -44,7 +51,7 @@ def _by_id(session, table, public_id: str):
 
 
 def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict]) -> None:
-    """Download an upload and ``check`` it: ready (plus the fields check returns) or invalid with the reason."""
+    """``check(scratch folder, row fields)``: ready (plus the fields check returns) or invalid with the reason."""
     settings = get_settings()
     with session_scope(settings.database_url) as session:
         row = _by_id(session, table, upload_id)
@@ -53,10 +60,8 @@ def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict])
         fields = {column.key: getattr(row, column.key) for column in table.__table__.columns}
     values: dict = {"status": "ready", "error": None}
     with tempfile.TemporaryDirectory(dir=_scratch(settings)) as tmp:
-        local = Path(tmp) / f"upload{Path(fields['filename']).suffix}"
         try:
-            _blobs(settings).get_file(fields["blob_key"], local)
-            values.update(check(local, fields))
+            values.update(check(Path(tmp), fields))
         except MaskTuneError as exc:
             values = {"status": "invalid", "error": str(exc)}
         except Exception as exc:  # a reader bug must not leave the upload validating forever
@@ -67,12 +72,65 @@ def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict])
                         .values(updated_at=utcnow(), **values))
 
 
+def _download_upload(settings: Settings, fields: dict, folder: Path) -> Path:
+    local = folder / f"upload{Path(fields['filename']).suffix}"
+    _blobs(settings).get_file(fields["blob_key"], local)
+    return local
+
+
+def _extraction_limits(settings: Settings) -> ExtractionLimits:
+    return ExtractionLimits(max_members=settings.archive_max_members, max_total_bytes=settings.archive_max_bytes,
+                            max_member_ratio=settings.archive_max_ratio)
+
+
+def _summarize_archive(archive: Path, limits: ExtractionLimits) -> dict:
+    root = extract_archive(archive, archive.parent / "unpacked", limits)
+    try:
+        index = index_dataset(root)
+    except LabelAttributeRequired as exc:  # CelebA: which attribute is the label is the job's choice
+        return exc.overview
+    return summarize(index, inspect_images(index))
+
+
+def _summarize_prefix(listing: UrlListing, root: Path) -> dict:
+    """Index the prefix from its listing and decode a seeded sample of its images."""
+    stand_in_tree(listing, root)
+    try:
+        summary = summarize(index_dataset(root))
+    except LabelAttributeRequired as exc:
+        summary = exc.overview
+    images = listing.images()
+    sample = random.Random(0).sample(images, min(URL_SAMPLE_IMAGES, len(images)))
+    listing.fetch([(remote, root.joinpath(*rel.parts)) for remote, rel, _ in sample])
+    unreadable = []
+    for _, rel, _ in sample:
+        try:
+            decode_image(root.joinpath(*rel.parts), VALIDATION_SIZE)
+        except (DatasetError, OSError, ValueError, SyntaxError) as exc:
+            unreadable.append({"file": str(rel), "reason": f"unreadable image: {exc}"})
+    if sample and len(unreadable) == len(sample):
+        raise DatasetError(f"none of the {len(sample)} sampled images could be read, e.g. {unreadable[0]['file']}: "
+                           f"{unreadable[0]['reason']}")
+    summary["sample"] = {"images": len(sample), "unreadable": unreadable}
+    return summary
+
+
 @app.task(name=TASK_VALIDATE_DATASET)
 def validate_dataset(dataset_id: str) -> None:
-    """Unpack, index and decode the archive with masktune_core's reader."""
-    def check(archive: Path, _: dict) -> dict:
-        index = index_dataset(extract_archive(archive, archive.parent / "unpacked"))
-        return {"summary": summarize(index, decode_dataset(index, VALIDATION_SIZE))}
+    """Index the dataset with masktune_core's reader; read every image's header and decode a sample
+    (the job's decode pass reports any image that fails later). An upload is unpacked; a URL is
+    listed (worker.sources): an archive object is fetched, a prefix only sampled."""
+    settings = get_settings()
+    limits = _extraction_limits(settings)
+
+    def check(folder: Path, row: dict) -> dict:
+        if row["source_url"] is None:
+            return {"summary": _summarize_archive(_download_upload(settings, row, folder), limits)}
+        listing = list_url(row["source_url"], settings.blob_url, limits)
+        found = {"size_bytes": listing.size_bytes, "sha256": listing.sha256}
+        if listing.archive:
+            return {**found, "summary": _summarize_archive(fetch_all(listing, folder / "dataset"), limits)}
+        return {**found, "summary": _summarize_prefix(listing, folder / "dataset")}
 
     _validate_upload(Dataset, dataset_id, check)
 
@@ -80,11 +138,11 @@ def validate_dataset(dataset_id: str) -> None:
 @app.task(name=TASK_VALIDATE_MODEL)
 def validate_model(model_id: str) -> None:
     """Load the weights strict into the named architecture (library key layout, wrappers undone), never unpickling code."""
-    def check(weights: Path, row: dict) -> dict:
+    def check(folder: Path, row: dict) -> dict:
         architecture = row["architecture"]
         model = create_model(architecture, row["num_classes"])
         saliency_target_name(model, architecture, resolve_input_size(architecture, None))  # refuses transformers
-        load_weights(model, weights, architecture=architecture)
+        load_weights(model, _download_upload(get_settings(), row, folder), architecture=architecture)
         return {}
 
     _validate_upload(Model, model_id, check)
@@ -147,11 +205,12 @@ class Claim:
 class JobReporter:
     """Turns pipeline events into job rows and events: stages and epochs always, progress throttled."""
 
-    def __init__(self, settings: Settings, claim: Claim, workspace: Workspace):
+    def __init__(self, settings: Settings, claim: Claim, workspace: Workspace, after_prepare: Callable[[], None]):
         self.settings = settings
         self.claim = claim
         self.job_id = claim.job_id
         self.workspace = workspace
+        self.after_prepare = after_prepare
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancel = False
@@ -161,12 +220,14 @@ class JobReporter:
             return
         now = time.monotonic()
         # A resumed ERM reports where it picked up: kept as an event, so clients (and tests) see it.
-        keep = event.kind in ("stage", "epoch", "warning") or "resumed_from_epoch" in event.data
+        keep = event.kind in ("stage", "info", "epoch", "warning") or "resumed_from_epoch" in event.data
         if not keep and now - self._last_write < self.settings.progress_interval_s:
             return
         self._last_write = now
         if event.kind in ("stage", "epoch") and self.claim.beat():
             self.workspace.sync()  # what finished before this event survives a crash
+            if event.kind == "stage" and event.stage != "prepare":
+                self.after_prepare()
         with session_scope(self.settings.database_url) as session:
             if self.claim.write(session, stage=event.stage, progress=round(event.progress, 4)) and keep:
                 kind = "info" if event.kind == "progress" else event.kind
@@ -189,19 +250,6 @@ def _finish(settings: Settings, claim: Claim, status: str, message: str, artifac
             for artifact in artifacts:
                 session.merge(artifact)
             add_event(session, claim.job_id, "status", message, data={"status": status})
-
-
-def _summary(metrics: dict) -> dict:
-    """The few numbers a job listing shows; metrics.json has everything."""
-    def pick(m: dict) -> dict:
-        keys = ("overall_accuracy", "worst_group_accuracy", "worst_group", "worst_class_accuracy", "worst_class")
-        return {k: m[k] for k in keys if k in m}
-
-    return {
-        "verdict": metrics["verdict"],
-        "erm": {split: pick(m) for split, m in metrics["erm"].items()},
-        "masktune": {split: pick(m) for split, m in metrics["masktune"].items()},
-    }
 
 
 @app.task(name=TASK_RUN_JOB)
@@ -228,32 +276,39 @@ def run_job(job_id: str) -> None:
 def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None:
     job_id = claim.job_id
     blobs = workspace.blobs
-    reporter = JobReporter(settings, claim, workspace)
     try:
         with session_scope(settings.database_url) as session:
             job = _by_id(session, Job, job_id)
             config = JobConfig.model_validate(job.config)
             dataset = _by_id(session, Dataset, job.dataset_id)
             model = _by_id(session, Model, job.model_id) if job.model_id else None
-            dataset_key, dataset_name = dataset.blob_key, dataset.filename
-            weights = (model.blob_key, Path(model.filename).suffix) if model else None
+            source = (dataset.blob_key, dataset.filename, dataset.source_url, dataset.sha256)
+            cache = DatasetCache(blobs, settings.dataset_cache_dir, dataset.id, dataset.sha256)
+            weights = (model.blob_key, model.filename) if model else None
         restored = workspace.restore()  # the work of earlier attempts, from any machine
         if restored:
             with session_scope(settings.database_url) as session:
                 if claim.write(session):
                     add_event(session, job_id, "info", f"resuming from {restored} stored work files", data={"restored_files": restored})
-        data = workspace.root / "input" / f"dataset{''.join(Path(dataset_name).suffixes[-2:]) or '.bin'}"
-        blobs.get_file(dataset_key, data)
+        data = _fetch_dataset(settings, blobs, workspace.root, *source)
         initial = None
         if weights:
-            initial = workspace.root / "input" / f"weights{weights[1]}"
+            initial = workspace.root / rf.input_file("weights", weights[1])
             blobs.get_file(weights[0], initial)
-        run = MaskTuneRun(data, workspace.root / "out", config, workdir=workspace.workdir, initial_weights=initial,
-                          device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel)
+        prune(settings.dataset_cache_dir, settings.work_retention_s)
+        reporter = JobReporter(settings, claim, workspace, after_prepare=lambda: cache.publish(run.input_size))
+        run = MaskTuneRun(data, workspace.root / rf.OUT, config, workdir=workspace.workdir, initial_weights=initial,
+                          device=settings.device, on_event=reporter, should_cancel=reporter.should_cancel,
+                          cache_dir=settings.dataset_cache_dir, dataset_sha256=source[3],
+                          extraction_limits=_extraction_limits(settings))
+        if cache.fetch(run.input_size):
+            with session_scope(settings.database_url) as session:
+                if claim.write(session):
+                    add_event(session, job_id, "info", "fetched the decoded dataset from storage", stage="prepare")
         metrics = run.run()
         if not claim.beat():
             return  # taken over meanwhile: the new owner uploads its own artifacts
-        artifacts = _store_artifacts(blobs, job_id, workspace.root / "out")
+        artifacts = _store_artifacts(blobs, job_id, workspace.root / rf.OUT)
     except JobCancelled:
         if not claim.lost:
             _finish(settings, claim, "cancelled", "cancelled by request")
@@ -267,18 +322,31 @@ def _run_claimed(settings: Settings, claim: Claim, workspace: Workspace) -> None
                 error_message=f"{type(exc).__name__}: {str(exc)[:500]}")
         return
     _finish(settings, claim, "succeeded", metrics["verdict"]["message"], artifacts, progress=1.0,
-            metrics_summary=_summary(metrics))
+            metrics_summary=headline(metrics))
+
+
+def _fetch_dataset(settings: Settings, blobs: BlobStore, root: Path, blob_key: str | None, filename: str,
+                   source_url: str | None, sha256: str) -> Path:
+    """The job's dataset on local disk: the uploaded archive, or what lies at the URL (unchanged since validation)."""
+    if source_url is None:
+        data = root / rf.input_file("dataset", filename)
+        blobs.get_file(blob_key, data)
+        return data
+    listing = list_url(source_url, settings.blob_url, _extraction_limits(settings))
+    if listing.sha256 != sha256:
+        raise DatasetError(f"the data at {source_url} changed after it was validated (files, sizes or ETags); "
+                           "register it again to use it")
+    return fetch_all(listing, root / rf.input_file("dataset", None))
 
 
 def _store_artifacts(blobs: BlobStore, job_id: str, out_dir: Path) -> list[Artifact]:
     """Upload each artifact (atomically); returns the rows, which the terminal write records."""
     rows = []
-    for name in ARTIFACTS:
+    for name, content_type in rf.ARTIFACTS.items():
         path = out_dir / name
         if not path.exists():
             continue
         key = f"jobs/{job_id}/artifacts/{name}"
         size, sha256 = blobs.put_file(key, path)
-        rows.append(Artifact(job_id=job_id, name=name, blob_key=key, size_bytes=size, sha256=sha256,
-                             content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream")))
+        rows.append(Artifact(job_id=job_id, name=name, blob_key=key, size_bytes=size, sha256=sha256, content_type=content_type))
     return rows

@@ -13,12 +13,7 @@ import shutil
 from pathlib import Path
 
 from jobstore.blobs import BlobStore
-
-_LOCAL_ONLY = ("dataset/",)  # the unpacked upload: re-created from the archive when needed
-
-
-def _temporary(name: str) -> bool:
-    return ".tmp" in name  # the pipeline's and the blob store's half-written files
+from masktune_core.runfolder import STATE, WORK, is_temporary
 
 
 class Workspace:
@@ -26,7 +21,7 @@ class Workspace:
         self.blobs = blobs
         self.job_dir = work_dir / job_id
         self.root = self.job_dir / attempt
-        self.workdir = self.root / "work"
+        self.workdir = self.root / WORK
         self.prefix = f"jobs/{job_id}/work"
         self._synced: dict[str, tuple[int, int]] = {}
 
@@ -36,7 +31,7 @@ class Workspace:
         files = {}
         for path in self.workdir.rglob("*"):
             rel = path.relative_to(self.workdir).as_posix()
-            if path.is_file() and not _temporary(path.name) and not rel.startswith(_LOCAL_ONLY):
+            if path.is_file() and not is_temporary(path.name):
                 files[rel] = path
         return files
 
@@ -47,7 +42,7 @@ class Workspace:
         (this attempt holds the claim) and the stored copy is the one every machine shares.
         """
         shutil.rmtree(self.job_dir, ignore_errors=True)
-        keys = [key for key in self.blobs.list(self.prefix) if not _temporary(key.rsplit("/", 1)[-1])]
+        keys = [key for key in self.blobs.list(self.prefix) if not is_temporary(key.rsplit("/", 1)[-1])]
         for key in keys:
             self.blobs.get_file(key, self.workdir / key[len(self.prefix) + 1:])
         self._synced = {rel: (p.stat().st_size, p.stat().st_mtime_ns) for rel, p in self._files().items()}
@@ -59,7 +54,7 @@ class Workspace:
             (rel, path) for rel, path in self._files().items()
             if self._synced.get(rel) != (path.stat().st_size, path.stat().st_mtime_ns)
         ]
-        changed.sort(key=lambda item: item[0] == "state.json")
+        changed.sort(key=lambda item: item[0] == STATE)
         for rel, path in changed:
             stat = path.stat()
             self.blobs.put_file(f"{self.prefix}/{rel}", path)

@@ -1,20 +1,26 @@
-"""Datasets: archive uploads, validated by a worker before jobs may use them."""
+"""Datasets: archive uploads, or URLs of the tenant's own object storage, validated by a worker
+before jobs may use them."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from jobstore import models as tables
+from jobstore.dataset_urls import BadDatasetUrl, check_dataset_url
 from jobstore.ids import new_id
-from jobstore.settings import TASK_VALIDATE_DATASET
+from jobstore.settings import TASK_VALIDATE_DATASET, Settings
 
 from .. import schemas
 from ..deps import ACTIVE, BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems
-from ..uploads import Form, accept_upload
+from ..uploads import Form, accept_upload, is_json, keep_and_queue, read_json_body
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -23,19 +29,29 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "properties": {"file": {"type": "string", "format": "binary",
                             "description": "A .zip or .tar(.gz) archive: ImageFolder (train/<class>/..., optional val/, test/) "
                                            "or a CSV manifest filename,label[,split][,group] at the root."}},
-}}}}}
+}}, "application/json": {"schema": schemas.DatasetFromUrl.model_json_schema()}}}}
 
 
-@router.post("", status_code=201, response_model=schemas.Dataset, summary="Upload a dataset archive",
+@router.post("", status_code=201, response_model=schemas.Dataset, summary="Upload a dataset archive, or register one by URL",
              responses=problems(400, 401, 408, 413, 415, 422, 503), openapi_extra=UPLOAD_BODY)
 async def create_dataset(request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
                          blobs: BlobsDep) -> schemas.Dataset:
-    """Streams the archive to storage and queues its validation; the dataset is `validating` until a
-    worker marks it `ready` (with a summary) or `invalid` (with an error).
+    """multipart/form-data: streams the archive to storage. application/json `{"url": "s3://..."}`:
+    registers a dataset that stays where it is (an archive object or an unpacked prefix), allowed
+    only under the prefixes `MASKTUNE_DATASET_URL_PREFIXES` gives the tenant and never inside the
+    service's own storage (422 `dataset_url_not_allowed`). Either way a worker validates it: the
+    dataset is `validating` until it is `ready` (with a summary) or `invalid` (with an error).
 
     413 `payload_too_large` past the upload limit, 413 `storage_quota_exceeded` past the tenant's
-    storage quota, 408 `upload_timeout` when the body stalls, 415 unless multipart/form-data."""
+    storage quota, 408 `upload_timeout` when the body stalls, 415 unless multipart/form-data or JSON."""
     ds_id = new_id("ds")
+    if is_json(request.headers.get("content-type", "")):
+        try:
+            body = schemas.DatasetFromUrl.model_validate(await read_json_body(request))
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+        row = await anyio.to_thread.run_sync(_register_url, session, settings, tenant, ds_id, body.url)
+        return schemas.Dataset.of(row)
 
     def make_row(form: Form) -> tables.Dataset:
         return tables.Dataset(id=ds_id, tenant_id=tenant, filename=form.file.filename, size_bytes=form.file.size_bytes,
@@ -44,6 +60,19 @@ async def create_dataset(request: Request, session: SessionDep, tenant: TenantDe
     row = await accept_upload(request, session=session, settings=settings, blobs=blobs, tenant=tenant,
                               prefix=f"datasets/{ds_id}", task=TASK_VALIDATE_DATASET, make_row=make_row)
     return schemas.Dataset.of(row)
+
+
+def _register_url(session: Session, settings: Settings, tenant: str, ds_id: str, url: str) -> tables.Dataset:
+    """Check the URL against the tenant's prefixes and the blob store, keep the row, queue validation."""
+    tenant_name = session.get(tables.Tenant, tenant).name
+    try:
+        url = check_dataset_url(url, tenant=tenant_name, prefixes=settings.dataset_url_prefixes, blob_url=settings.blob_url)
+    except BadDatasetUrl as exc:
+        raise ProblemError(422, "dataset_url_not_allowed", f"{exc}.") from None
+    row = tables.Dataset(id=ds_id, tenant_id=tenant, filename=url.rsplit("/", 1)[-1], size_bytes=0, sha256="",
+                         source_url=url, status="validating")
+    keep_and_queue(session, settings, row, TASK_VALIDATE_DATASET)
+    return row
 
 
 @router.get("", response_model=schemas.DatasetList, summary="List datasets, newest first", responses=problems(401, 422))
@@ -62,10 +91,10 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> sche
 @router.delete("/{dataset_id}", status_code=204, response_class=Response, summary="Delete a dataset",
                responses=problems(401, 404, 409))
 def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, blobs: BlobsDep) -> Response:
-    """Removes the archive and everything derived from it from storage. Refused (409) while a
-    queued or running job uses it. A dataset that finished jobs reference stays as a hidden
-    record (status `deleted`, no data), so those jobs keep their history; it answers 404 like
-    any unknown id."""
+    """Removes the archive and everything derived from it from storage (a URL dataset's own data is
+    never touched). Refused (409) while a queued or running job uses it. A dataset that finished
+    jobs reference stays as a hidden record (status `deleted`, no data), so those jobs keep their
+    history; it answers 404 like any unknown id."""
     # The row lock makes this wait for a job being created on the dataset right now (it
     # takes a share lock), so that job is seen as active below instead of losing its data.
     row = get_owned(session, tables.Dataset, dataset_id, tenant, lock="update")

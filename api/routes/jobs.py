@@ -27,6 +27,7 @@ from ..deps import (RETRY_AFTER_S, BlobsDep, SessionDep, SettingsDep, TenantDep,
 from ..errors import ProblemError, problems, validation_problem
 from .architectures import pretrained_reported_missing
 from ..queue import send_task
+from ..uploads import is_json
 
 log = logging.getLogger("api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -95,9 +96,9 @@ async def json_body(request: Request) -> None:
     content_type = request.headers.get("content-type")
     if content_type is None and not await request.body():
         return
-    kind = (content_type or "").split(";", 1)[0].strip().lower()
-    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+    if is_json(content_type or ""):
         return
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
     raise ProblemError(415, "unsupported_media_type",
                        f"Send the job as application/json, not {kind or 'a body without a Content-Type'}.")
 

@@ -1,14 +1,14 @@
 """worker catalogs: architectures and cached pretrained weights, as workers report them
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003_dataset_url
 """
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0003'
-down_revision = '0002'
+revision = '0004'
+down_revision = '0003_dataset_url'
 branch_labels = None
 depends_on = None
 
