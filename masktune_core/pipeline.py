@@ -274,7 +274,7 @@ class MaskTuneRun:
         model = self.new_model()
         # Refuses models xGradCAM cannot read (vision transformers) before ERM, not after it.
         saliency_target_name(model, self.config.model.architecture, self.input_size)
-        if not (erm_dir / "last.pt").exists():
+        if not last_path.exists():
             self._load_start(model)
         model.to(self.device)
         optimizer = make_optimizer(model, cfg)
