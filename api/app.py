@@ -14,7 +14,7 @@ from jobstore.settings import get_settings
 
 from . import __version__
 from .errors import PROBLEM_MEDIA_TYPE, install
-from .routes import datasets, health, jobs, models
+from .routes import architectures, datasets, health, jobs, models
 from .uploads import BodyLimitMiddleware
 
 DESCRIPTION = """MaskTune (Asgari Taghanaki et al., NeurIPS 2022) as a service: upload a dataset (and
@@ -34,7 +34,7 @@ app = FastAPI(title="MaskTune Service", version=__version__, description=DESCRIP
 install(app)
 app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_upload_bytes,
                    upload_paths=("/v1/datasets", "/v1/models"), idle_timeout_s=get_settings().upload_idle_timeout_s)
-for module in (health, datasets, models, jobs):
+for module in (health, datasets, models, jobs, architectures):
     app.include_router(module.router)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from jobspec import ARCHITECTURES, JobConfig
+from jobspec import JobConfig, is_architecture_name
 from jobstore import models as tables
 from jobstore.jobs import STATUSES
 
@@ -76,8 +76,15 @@ class ModelForm(BaseModel):
     """The form fields of POST /v1/models (besides the file)."""
 
     model_config = ConfigDict(extra="ignore")
-    architecture: Literal[ARCHITECTURES] = Field(description="Registered architecture name.")  # type: ignore[valid-type]
-    num_classes: int = Field(ge=2, le=100_000, description="Outputs of the classifier head.")
+    architecture: str = Field(max_length=120, description="A registered architecture (GET /v1/architectures) or timm/<name>.")
+    num_classes: int = Field(ge=2, le=100_000, description="Outputs of the classifier head (1000 for an ImageNet checkpoint).")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if not is_architecture_name(value):
+            raise ValueError("unknown architecture; see GET /v1/architectures (timm models: timm/<name>)")
+        return value
 
 
 class JobCreate(JobConfig):
@@ -185,3 +192,22 @@ class Readiness(BaseModel):
     database: str = Field(description="ok, or error: <kind>")
     broker: str
     storage: str
+
+
+class ArchitectureInfo(BaseModel):
+    name: str = Field(description="The name to use in model.architecture and POST /v1/models.")
+    library: str = Field(description="Whose module it is: masktune (small_cnn), torchvision or timm.")
+    library_name: str = Field(description="Its name in that library (what to build it with in your own code).")
+    default_input_size: int
+    min_input_size: int
+    target_layer: str | None = Field(description="The layer xGradCAM reads at the default input size (null: found when a job runs).")
+    pretrained_available: bool | None = Field(description="ImageNet weights are in a worker's cache (null: the architecture has none).")
+    description: str
+
+
+class ArchitectureList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ArchitectureInfo]
+    timm: str = Field(description="Any timm CNN is accepted as timm/<name>; the listed ones have cached weights.")
+    reported_at: Timestamp | None = Field(description="When a worker last reported (null: none has yet; the list is then empty).")
+    versions: dict[str, str] = Field(default_factory=dict, description="The reporting worker's torch, torchvision and timm.")

@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/saliency_speed.py [--device cpu] [--repeats 7]
 
-Two settings: small_cnn at 28 px (batch 256) and resnet18 at 224 px (batch 32).
+Settings: small_cnn at 28 px (batch 256), resnet18 at 224 px (batch 32), resnet50 and
+convnext_tiny at 224 px (batch 16), each at its saliency target layer
+(``masktune_core.models.saliency_target_layer``); ``--only NAME ...`` runs a subset.
 Per setting the three methods run round-robin (ours, grad-cam, inference) once
 per repeat, after warm-up, so the ratios come from the same run under the same
 load; the table reports the median time of each. Issue targets (224 px): ours
@@ -31,12 +33,12 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_grad_cam import XGradCAM
 
-from masktune_core.models import create_model
+from masktune_core.models import create_model, saliency_target_layer
 from masktune_core.sample_data import write_biased_digits
 from masktune_core.saliency import xgradcam
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = (("small_cnn", 28, 256), ("resnet18", 224, 32))
+SETTINGS = (("small_cnn", 28, 256), ("resnet18", 224, 32), ("resnet50", 224, 16), ("convnext_tiny", 224, 16))
 TARGET_SPEEDUP = 3.0  # ours vs grad-cam, at 224 px
 TARGET_OVER_INFERENCE = 1.5  # ours time / inference time, at 224 px
 
@@ -116,7 +118,7 @@ def bench_setting(arch: str, size: int, batch: int, device: torch.device, repeat
         model = make_model(arch, size, device)
         gen = torch.Generator().manual_seed(1)
         x = torch.rand(batch, 3, size, size, generator=gen).to(device)
-    layer = model.saliency_target_layer()
+    layer = saliency_target_layer(model, arch, size)
 
     # Agreement on this batch (model state is restored by both paths; eval mode throughout).
     ours_maps = run_ours(model, layer, x).float().cpu()
@@ -167,7 +169,7 @@ def render(rows: list[dict], args, command: str, load: tuple[float, float]) -> s
         f"- {args.repeats} timed repeats after {args.warmup} warm-up rounds; methods run round-robin within "
         "each repeat; img/s from the median time per method; ratios = median over repeats of the per-repeat "
         "ratio (min-max in brackets). Model in eval mode. small_cnn: trained 3 epochs on 1024 "
-        "biased-digits images (seed 0), batch = biased-digits test images. resnet18: random weights (seed 0), "
+        "biased-digits images (seed 0), batch = biased-digits test images. Others: random weights (seed 0), "
         "BatchNorm stats from 5 train-mode passes on random data, random inputs in 0..1.",
         "- ours = `masktune_core.saliency.xgradcam`; grad-cam = `pytorch_grad_cam.XGradCAM` "
         "(targets=None, i.e. predicted class); inference = eval-mode `torch.no_grad()` forward on the same batch.",
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--only", nargs="*", default=None, help="architectures to run (default: all settings)")
     ap.add_argument("--out", default=str(RESULTS / "saliency_speed.md"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     rows = []
     for arch, size, batch in SETTINGS:
+        if args.only and arch not in args.only:
+            continue
         rows.append(bench_setting(arch, size, batch, device, args.repeats, args.warmup))
         print(f"done {arch} @ {size}px", file=sys.stderr)
     command = "python " + " ".join(["bench/saliency_speed.py", *(argv if argv is not None else sys.argv[1:])])

@@ -8,17 +8,41 @@ every deviation from it is a named field whose description says so.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 # Architecture names of masktune_core's model registry, the part of it the contract needs:
-# the API checks uploads and job bodies against this list without importing torch.
-# masktune_core.models registers exactly these (a test should keep the two equal).
-ARCHITECTURES: tuple[str, ...] = (
-    "small_cnn", "resnet18", "resnet34", "resnet50", "resnet18_small", "resnet34_small", "resnet50_small",
+# the API checks uploads and job bodies against these without importing torch
+# (tests/test_config.py keeps them equal to the registry).
+# torchvision's classification CNNs, by family, in torchvision's own names; resnet*_small are
+# torchvision ResNets with a 3x3 stem and no max-pool for inputs <= 64 px.
+TORCHVISION_ARCHITECTURES: tuple[str, ...] = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnet18_small", "resnet34_small", "resnet50_small",
+    "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_s", "efficientnet_v2_m",
+    "efficientnet_v2_l",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+    "mobilenet_v3_small", "mobilenet_v3_large",
+    "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf", "regnet_x_16gf",
+    "regnet_x_32gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
+    "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
 )
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", *TORCHVISION_ARCHITECTURES)
+# Any timm model by its timm name; whether it exists (and is a CNN) is for the workers' timm to say.
+TIMM_PREFIX = "timm/"
+_TIMM_NAME = re.compile(r"timm/[a-z0-9_]+(\.[a-z0-9_]+)?")
+
+
+def is_architecture_name(name: str) -> bool:
+    """A registered name or a well-formed timm/<name> (which the workers check against timm)."""
+    return name in ARCHITECTURES or _TIMM_NAME.fullmatch(name) is not None
 
 
 class _Strict(BaseModel):
@@ -28,12 +52,33 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     architecture: str = Field(
         "small_cnn",
-        description="Registered architecture: small_cnn, resnet18/34/50 (ImageNet stem) "
-        "or resnet18_small/34_small/50_small (3x3 stem, no max-pool, for inputs <= 64 px).",
+        description="small_cnn (official), a torchvision classification CNN by its torchvision name "
+        "(resnet50, densenet121, efficientnet_b0, convnext_tiny, ...; resnet18_small/34_small/50_small: "
+        "3x3 stem, no max-pool, for inputs <= 64 px) or a timm CNN as timm/<name>. GET /v1/architectures lists them.",
+        max_length=120,
     )
     weights_id: str | None = Field(
         None, description="An uploaded model (mdl_...) to start from instead of random weights."
     )
+    pretrained: bool = Field(
+        False,
+        description="Start from the architecture's ImageNet weights, read from the workers' local caches "
+        "(torchvision: $TORCH_HOME/hub/checkpoints, timm: the Hugging Face hub cache), never downloaded; "
+        "the head is replaced for the dataset's classes. The paper's Waterbirds and CelebA results start "
+        "from ImageNet weights (presets waterbirds, celeba); biased MNIST does not.",
+    )
+    head: Literal["keep", "replace"] = Field(
+        "keep",
+        description="For uploaded weights whose classifier head has another class count (an ImageNet "
+        "checkpoint): 'keep' refuses the mismatch, 'replace' loads the backbone and puts a fresh head "
+        "for the dataset's classes on it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelConfig:
+        if self.pretrained and self.weights_id:
+            raise ValueError("pretrained and weights_id both choose the starting weights; give one")
+        return self
 
 
 class DataConfig(_Strict):
@@ -126,7 +171,47 @@ class SelectiveConfig(_Strict):
         return self
 
 
+# The official recipes (github.com/aliasgharkhani/Masktune, bash_files/*_masktune.sh and
+# src/methods/*_train.py; the README cites each value). Explicit fields override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "biased_mnist": {
+        "model": {"architecture": "small_cnn", "pretrained": False},
+        "data": {"input_size": 28, "normalization": "none", "augmentation": "none"},
+        "erm": {"epochs": 100, "lr": 0.01, "batch_size": 128},
+        "masking": {"batch_size": 128},
+    },
+    "waterbirds": {
+        "model": {"architecture": "resnet50", "pretrained": True},
+        "data": {"input_size": 224, "normalization": "imagenet", "augmentation": "flip_crop"},
+        "erm": {"epochs": 100, "lr": 0.0001, "batch_size": 128},
+        "masking": {"batch_size": 128},
+    },
+    "celeba": {
+        "model": {"architecture": "resnet50", "pretrained": True},
+        "data": {"input_size": 224, "normalization": "imagenet", "augmentation": "flip_crop"},
+        "erm": {"epochs": 20, "lr": 0.0001, "batch_size": 512, "weight_decay": 0.0001},
+        "masking": {"batch_size": 512},
+    },
+}
+
+
+def _under(preset: dict, explicit: dict) -> dict:
+    """The preset with the explicit values laid over it, section by section."""
+    merged = dict(preset)
+    for key, value in explicit.items():
+        merged[key] = _under(preset[key], value) if isinstance(value, dict) and isinstance(preset.get(key), dict) else value
+    return merged
+
+
 class JobConfig(_Strict):
+    preset: Literal["biased_mnist", "waterbirds", "celeba"] | None = Field(
+        None,
+        description="Fill the official recipe for a paper dataset (architecture, pretrained, input size, "
+        "learning rate, epochs, batch size, normalisation, augmentation); explicit fields override it. "
+        "Deviations: the official ResNet-50 is timm's (this preset uses torchvision's resnet50; set "
+        "model.architecture='timm/resnet50' for timm's), its RandomResizedCrop(scale 0.7-1) is 'flip_crop' here, "
+        "and its Waterbirds script omits --use_pretrained_weights although the paper starts from ImageNet weights.",
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     erm: ErmConfig = ErmConfig()
@@ -141,3 +226,14 @@ class JobConfig(_Strict):
     selective: SelectiveConfig = SelectiveConfig()
     preview_count: int = Field(8, ge=0, le=64, description="Training images shown in previews.png.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds weights, splits, shuffling and augmentation: same seed, same result on CPU.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("preset") in PRESETS:
+            preset = PRESETS[values["preset"]]
+            if isinstance(values.get("model"), dict) and values["model"].get("weights_id"):
+                # Uploaded weights are the starting point: the preset's ImageNet start gives way.
+                preset = {**preset, "model": {**preset["model"], "pretrained": False}}
+            return _under(preset, values)
+        return values

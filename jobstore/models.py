@@ -129,3 +129,16 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     content_type: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkerCatalog(Base):
+    """What a worker host can run: its architectures and which ImageNet weights its caches hold.
+
+    Workers write it (worker.catalog, at start); the API reads it for GET /v1/architectures and
+    to refuse ``model.pretrained`` early, without importing torch itself.
+    """
+
+    __tablename__ = "worker_catalogs"
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    catalog: Mapped[dict[str, Any]]
+    reported_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(600.0, gt=0, description="A running job whose worker has not written for this long is requeued by the reconciler.")
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the reconciler requeues lost jobs and expires old work areas.")
     work_retention_s: float = Field(7 * 24 * 3600, gt=0, description="Work areas (checkpoints, stage outputs) of finished jobs are deleted after this long; artifacts stay.")
+    report_catalog: bool = Field(True, description="Workers write their architectures and cached pretrained weights to the database when they start (GET /v1/architectures).")
     api_host: str = Field("127.0.0.1", description="Address the embedded start binds.")
     api_port: int = Field(8000, description="Port the embedded start binds.")
 

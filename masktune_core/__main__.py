@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="ERM, saliency masking, one-epoch finetune, evaluation")
     run.add_argument("--data", required=True, help="dataset .zip/.tar/.tar.gz or directory")
-    run.add_argument("--arch", help=f"architecture: {', '.join(sorted(architectures()))}")
+    run.add_argument("--arch", help=f"architecture: {', '.join(sorted(architectures()))} or timm/<name>")
     run.add_argument("--out", required=True, help="output directory (its work/ subfolder lets a re-run resume)")
     run.add_argument("--epochs", type=int, help="ERM epochs")
     run.add_argument("--lr", type=float)

@@ -15,6 +15,12 @@ class ModelError(MaskTuneError):
     code = "invalid_model"
 
 
+class PretrainedWeightsMissing(ModelError):
+    """model.pretrained asked for ImageNet weights that are not in this machine's library caches."""
+
+    code = "pretrained_weights_missing"
+
+
 class ConfigError(MaskTuneError):
     code = "invalid_config"
 

@@ -30,11 +30,15 @@ from .archive import ExtractionLimits
 from jobspec import JobConfig
 from .data import SplitRows, dataset_sha256, decode_dataset, index_dataset, summarize
 from .decoded import DecodedImages, bad_chunks, entry_dir, unpack_once
-from .errors import ConfigError, DatasetError, JobCancelled
+from .errors import ConfigError, DatasetError, JobCancelled, PretrainedWeightsMissing
 from .masking import pack_masks, threshold_masks, unpack_masks
 from .memory import map_large_buffers
 from .metrics import group_shares, selective_classification, split_metrics, verdict
-from .models import create_model, load_weights, resolve_input_size, save_weights
+from .model_card import write_model_card
+from .models import (
+    create_model, load_state, load_weights, pretrained_location, pretrained_state_dict, resolve_input_size,
+    saliency_target_layer, saliency_target_name, save_weights,
+)
 from .previews import render_previews
 from .rowfile import RowFile
 from .saliency import saliency_maps
@@ -65,7 +69,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def library_versions() -> dict[str, str]:
-    names = ["torch", "torchvision", "grad-cam", "numpy", "pillow", "safetensors", "pydantic", "masktune-service"]
+    names = ["torch", "torchvision", "timm", "grad-cam", "numpy", "pillow", "safetensors", "pydantic", "masktune-service"]
     versions = {"python": platform.python_version()}
     for name in names:
         try:
@@ -106,6 +110,11 @@ class MaskTuneRun:
         self.input_size = resolve_input_size(self.config.model.architecture, self.config.data.input_size)
         if self.config.erm.epochs == 0 and self.initial_weights is None:
             raise ConfigError("erm.epochs = 0 skips ERM, which needs uploaded weights to start from")
+        if self.config.model.pretrained:  # fail before any work when the cache lacks them
+            found, expected = pretrained_location(self.config.model.architecture)
+            if found is None:
+                raise PretrainedWeightsMissing(
+                    f"pretrained weights for {self.config.model.architecture} are not on this machine: expected {expected}")
         self.cache_dir = Path(cache_dir) if cache_dir else self.out_dir / "cache"
         self.dataset_sha256 = dataset_sha256
         self.extraction_limits = extraction_limits or ExtractionLimits()
@@ -241,14 +250,34 @@ class MaskTuneRun:
     def new_model(self) -> torch.nn.Module:
         return create_model(self.config.model.architecture, len(self.index["classes"]), self.input_size)
 
+    def _load_start(self, model: torch.nn.Module) -> None:
+        """Uploaded weights or the cached ImageNet weights, if the config asks for either."""
+        cfg = self.config.model
+        if self.initial_weights:
+            replaced = load_weights(model, self.initial_weights, head=cfg.head, architecture=cfg.architecture)
+            source = "the uploaded weights"
+        elif cfg.pretrained:
+            replaced = load_state(model, pretrained_state_dict(cfg.architecture), head="replace", architecture=cfg.architecture)
+            source = f"the ImageNet weights of {cfg.architecture}"
+        else:
+            return
+        classes = len(self.index["classes"])
+        if replaced:  # a warning, so the job's events always keep it: the head starts untrained
+            self._emit("warning", 0.0, f"started from {source} with a fresh {classes}-class head "
+                       "(the file's head had another class count)", head_replaced=True)
+        else:
+            self._emit("progress", 0.0, f"started from {source}", head_replaced=False)
+
     def _stage_erm(self) -> None:
         cfg = self.config.erm
         best_path, last_path = self.workdir / rf.ERM_BEST, self.workdir / rf.ERM_LAST
         best_path.parent.mkdir(exist_ok=True)
         torch.manual_seed(self.config.seed)
         model = self.new_model()
-        if self.initial_weights:
-            load_weights(model, self.initial_weights)
+        # Refuses models xGradCAM cannot read (vision transformers) before ERM, not after it.
+        saliency_target_name(model, self.config.model.architecture, self.input_size)
+        if not last_path.exists():
+            self._load_start(model)
         model.to(self.device)
         optimizer = make_optimizer(model, cfg)
         train, val = self.split("train"), self.split("val")
@@ -286,7 +315,7 @@ class MaskTuneRun:
         model = self.new_model()
         load_checkpoint(self._masking_source(iteration), model)
         model.to(self.device)
-        target = model.saliency_target_layer()
+        target = saliency_target_layer(model, self.config.model.architecture, self.input_size)
         train = self.split("train")
         side = self.input_size
         previous = None
@@ -414,6 +443,8 @@ class MaskTuneRun:
             "dataset_summary": self.index["summary"],
             "versions": library_versions(),
         })
+        write_model_card(self.out_dir / rf.MODEL_CARD, self.config.model.architecture, self.index["classes"],
+                         self.input_size, self.config.data.normalization)
         with rf.atomic_path(self.out_dir / rf.METRICS) as tmp:
             shutil.copyfile(self.workdir / rf.METRICS, tmp)
 

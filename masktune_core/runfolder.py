@@ -32,12 +32,14 @@ ARTIFACTS: dict[str, str] = {
     "erm.safetensors": "application/octet-stream",
     "previews.png": "image/png",
     "config.json": "application/json",
+    "model_card.json": "application/json",
 }
 
 INPUT, OUT, WORK = "input", "out", "work"
 STATE = "state.json"
 INDEX = "index.json"
 METRICS = "metrics.json"
+MODEL_CARD = "model_card.json"
 ERM_BEST = "erm/best.pt"
 ERM_LAST = "erm/last.pt"
 TEMPORARY_MARK = ".tmp"

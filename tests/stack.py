@@ -60,7 +60,8 @@ class Stack:
                 MASKTUNE_JOBS_QUEUE=f"test.jobs.{tag}",
                 MASKTUNE_VALIDATION_QUEUE=f"test.validation.{tag}",
             )
-        self.env.update(MASKTUNE_PROGRESS_INTERVAL_S="0.2", **extra_env)
+        # The architecture report costs a worker start ~20 s of CPU; tests of it turn it back on.
+        self.env.update({"MASKTUNE_PROGRESS_INTERVAL_S": "0.2", "MASKTUNE_REPORT_CATALOG": "0", **extra_env})
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}

@@ -28,7 +28,7 @@ from stack import REDIS_URL, Stack
 from test_service_e2e import upload_dataset, zip_dir
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json"}
+ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json"}
 JOB = {"erm": {"epochs": 6, "batch_size": 32}, "masking": {"batch_size": 64}, "preview_count": 2}
 # Smaller ERM batches: most of a second per epoch here, so a kill lands between two epochs.
 SLOW_JOB = {**JOB, "erm": {"epochs": 6, "batch_size": 4}}

@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from masktune_core.errors import ModelError
-from masktune_core.models import architectures, create_model, load_weights, read_state_dict, save_weights
+from masktune_core.models import (
+    architectures, create_model, load_weights, read_state_dict, saliency_target_layer, save_weights,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Initializing zero-element tensors"),
@@ -54,7 +56,7 @@ def test_small_cnn_is_the_official_architecture():
     assert (linears[1].in_features, linears[1].out_features) == (256, 10)
     pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
     assert all(p.kernel_size == 2 and p.stride == 2 for p in pools)
-    target = model.saliency_target_layer()
+    target = saliency_target_layer(model, "small_cnn", 28)
     assert isinstance(target, nn.ReLU)
     assert _output_side(model, target, 28) == (1, 32, 8, 8)
     # the target is the ReLU after the *last* conv, not an earlier one
@@ -67,7 +69,7 @@ def test_small_cnn_flatten_follows_input():
     model = create_model("small_cnn", 3, 32)
     linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
     assert linear.in_features == 32 * 5 * 5
-    assert _output_side(model, model.saliency_target_layer(), 32) == (1, 32, 10, 10)
+    assert _output_side(model, saliency_target_layer(model, "small_cnn", 32), 32) == (1, 32, 10, 10)
     assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -98,31 +100,31 @@ def r18_small():
 
 def test_resnet18_at_224():
     model = _meta_model("resnet18", 5, 224)
-    assert model.net.fc.out_features == 5
-    assert model.saliency_target_layer() is model.net.layer4[-1]
-    assert _meta_side(model, model.saliency_target_layer(), 224)[-2:] == (7, 7)
+    assert model.fc.out_features == 5
+    assert saliency_target_layer(model, "resnet18", 224) is model.layer4[-1]
+    assert _meta_side(model, model.layer4[-1], 224)[-2:] == (7, 7)
 
 
 def test_resnet18_at_64_uses_layer3():
     model = _meta_model("resnet18", 3, 64)
-    assert model.saliency_target_layer() is model.net.layer3[-1]
-    assert _meta_side(model, model.net.layer4[-1], 64)[-2:] == (2, 2)
-    assert _meta_side(model, model.saliency_target_layer(), 64)[-2:] == (4, 4)
+    assert saliency_target_layer(model, "resnet18", 64) is model.layer3[-1]
+    assert _meta_side(model, model.layer4[-1], 64)[-2:] == (2, 2)
+    assert _meta_side(model, model.layer3[-1], 64)[-2:] == (4, 4)
 
 
 def test_resnet18_small_at_32():
     model = _meta_model("resnet18_small", 4, 32)
-    assert model.saliency_target_layer() is model.net.layer4[-1]
-    assert _meta_side(model, model.saliency_target_layer(), 32)[-2:] == (4, 4)
-    assert model.net.fc.out_features == 4
-    assert model.net.conv1.kernel_size == (3, 3) and model.net.conv1.stride == (1, 1)
+    assert saliency_target_layer(model, "resnet18_small", 32) is model.layer4[-1]
+    assert _meta_side(model, model.layer4[-1], 32)[-2:] == (4, 4)
+    assert model.fc.out_features == 4
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
 
 
 @pytest.mark.parametrize("name, expected_fc_in", [("resnet34", 512), ("resnet50", 2048)])
 def test_deeper_resnets_build(name, expected_fc_in):
     model = _meta_model(name, 7, 64)
-    assert (model.net.fc.in_features, model.net.fc.out_features) == (expected_fc_in, 7)
-    assert model.saliency_target_layer() is model.net.layer3[-1]
+    assert (model.fc.in_features, model.fc.out_features) == (expected_fc_in, 7)
+    assert saliency_target_layer(model, name, 64) is model.layer3[-1]
     with torch.device("meta"):
         assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
 

@@ -109,7 +109,8 @@ def test_upload_job_poll_download(stack, acme, ready_dataset, tiny_digits, tmp_p
     assert [e["id"] for e in later][:3] == ids[3:6]
 
     listed = acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-    assert {a["name"] for a in listed} == {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json"}
+    assert {a["name"] for a in listed} == {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json",
+                                          "model_card.json"}
     downloads = {}
     for artifact in listed:
         response = acme.get(f"/v1/jobs/{job['id']}/artifacts/{artifact['name']}")

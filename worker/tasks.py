@@ -26,6 +26,7 @@ from masktune_core.data import LabelAttributeRequired, index_dataset, inspect_im
 from masktune_core.decoded import decode_image
 from masktune_core.errors import DatasetError
 from masktune_core.metrics import headline
+from masktune_core.models import resolve_input_size, saliency_target_name
 
 from .celery_app import app
 from .dataset_cache import DatasetCache, prune
@@ -136,9 +137,12 @@ def validate_dataset(dataset_id: str) -> None:
 
 @app.task(name=TASK_VALIDATE_MODEL)
 def validate_model(model_id: str) -> None:
-    """Load the weights into the named architecture, never unpickling code."""
+    """Load the weights strict into the named architecture (library key layout, wrappers undone), never unpickling code."""
     def check(folder: Path, row: dict) -> dict:
-        load_weights(create_model(row["architecture"], row["num_classes"]), _download_upload(get_settings(), row, folder))
+        architecture = row["architecture"]
+        model = create_model(architecture, row["num_classes"])
+        saliency_target_name(model, architecture, resolve_input_size(architecture, None))  # refuses transformers
+        load_weights(model, _download_upload(get_settings(), row, folder), architecture=architecture)
         return {}
 
     _validate_upload(Model, model_id, check)

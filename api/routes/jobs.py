@@ -14,7 +14,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobspec import ARCHITECTURES
+from jobspec import is_architecture_name
 from jobstore import models as tables
 from jobstore.ids import new_id
 from jobstore.jobs import STATUSES, TERMINAL, add_event, update_job
@@ -25,6 +25,7 @@ from .. import schemas
 from ..deps import (RETRY_AFTER_S, BlobsDep, SessionDep, SettingsDep, TenantDep, check_job_slots, find_owned,
                     get_owned, lock_tenant, page_owned)
 from ..errors import ProblemError, problems, validation_problem
+from .architectures import pretrained_reported_missing
 from ..queue import send_task
 from ..uploads import is_json
 
@@ -60,9 +61,13 @@ def _usable(kind: str, status: str, object_id: str, error: str | None) -> None:
 
 def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> None:
     """404/409/422 unless the dataset (and the starting model, if any) fit this job."""
-    if body.model.architecture not in ARCHITECTURES:
-        raise validation_problem([{"loc": ["body", "model", "architecture"], "type": "literal_error",
-                                   "msg": f"Unknown architecture; one of: {', '.join(ARCHITECTURES)}."}])
+    if not is_architecture_name(body.model.architecture):
+        raise validation_problem([{"loc": ["body", "model", "architecture"], "type": "value_error",
+                                   "msg": "Unknown architecture; see GET /v1/architectures (timm models: timm/<name>)."}])
+    if body.model.pretrained and pretrained_reported_missing(session, body.model.architecture):
+        raise ProblemError(422, "pretrained_weights_missing",
+                           f"No worker has ImageNet weights for {body.model.architecture} in its cache; "
+                           "GET /v1/architectures shows which are there (the README says how to add them).")
     if body.erm.epochs == 0 and body.model.weights_id is None:
         raise validation_problem([{"loc": ["body", "erm", "epochs"], "type": "value_error",
                                    "msg": "erm.epochs = 0 skips ERM and needs model.weights_id (an uploaded model)."}])
@@ -77,9 +82,10 @@ def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> Non
         raise ProblemError(422, "architecture_mismatch", f"Model {model.id} is a {model.architecture}, "
                                                          f"the job asks for {body.model.architecture}.")
     classes = (dataset.summary or {}).get("classes")
-    if isinstance(classes, (list, dict)) and model.num_classes != len(classes):
+    if isinstance(classes, (list, dict)) and model.num_classes != len(classes) and body.model.head == "keep":
         raise ProblemError(422, "num_classes_mismatch", f"Model {model.id} has {model.num_classes} classes, "
-                                                        f"dataset {dataset.id} has {len(classes)}.")
+                                                        f"dataset {dataset.id} has {len(classes)}; set model.head "
+                                                        "to 'replace' to put a fresh head for the dataset's classes on it.")
 
 
 async def json_body(request: Request) -> None:

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from jobspec import ARCHITECTURES
 from jobstore import models as tables
 from jobstore.ids import new_id
 from jobstore.settings import TASK_VALIDATE_MODEL
@@ -30,8 +29,10 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "type": "object", "required": ["file", "architecture", "num_classes"],
     "properties": {
         "file": {"type": "string", "format": "binary", "description": "Weights: .safetensors (preferred), .pt or .pth state dict."},
-        "architecture": {"type": "string", "enum": list(ARCHITECTURES)},
-        "num_classes": {"type": "integer", "minimum": 2},
+        "architecture": {"type": "string", "maxLength": 120,
+                         "description": "A name from GET /v1/architectures, or timm/<name>."},
+        "num_classes": {"type": "integer", "minimum": 2,
+                        "description": "Outputs of the file's head (1000 for an ImageNet checkpoint)."},
     },
 }}}}}
 
