@@ -266,7 +266,8 @@ def test_pickle_with_code_is_never_run(client, tmp_path):
     buf = io.BytesIO()
     torch.save({"linear.3.weight": _Exploit(marker)}, buf)
     model = upload_model(client, buf.getvalue(), "weights.pt")
-    assert model["status"] == "invalid" and "not a plain state dict" in model["error"]
+    assert model["status"] == "invalid" and "pickled Python objects, which are never loaded" in model["error"]
+    assert "state_dict()" in model["error"]  # and what to send instead
     assert not marker.exists()
 
 
