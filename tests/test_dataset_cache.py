@@ -25,12 +25,6 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    with stack.client(stack.create_key("acme")) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def dataset(client, tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
     rng = np.random.default_rng(0)

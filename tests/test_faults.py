@@ -25,7 +25,7 @@ import redis
 
 from jobstore.blobs import BlobStore
 from stack import REDIS_URL, Stack
-from test_service_e2e import upload_dataset, zip_dir
+from test_service_e2e import zip_dir
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json"}
@@ -136,19 +136,6 @@ def stack(tmp_path_factory):
         yield stack
     finally:
         stack.close()
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with stack.client(stack.create_key("acme")) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def dataset(client, tiny_digits):
-    dataset = upload_dataset(client, zip_dir(tiny_digits))
-    assert dataset["status"] == "ready", dataset
-    return dataset
 
 
 @pytest.fixture

@@ -70,12 +70,6 @@ def stack(tmp_path_factory):
         yield stack
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    with stack.client(stack.create_key("hostile")) as client:
-        yield client
-
-
 @pytest.fixture(autouse=True)
 def still_serving(client):
     yield

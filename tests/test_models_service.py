@@ -19,7 +19,7 @@ from masktune_core.data import decode_dataset, index_dataset
 from masktune_core.training import LoopSettings, accuracy, predict_logits
 from stack import running
 from test_library_models import plant_timm_weights
-from test_service_e2e import run_job, upload_dataset, wait_for, zip_dir
+from test_service_e2e import run_job, wait_for
 
 SMALL = {"erm": {"epochs": 1, "batch_size": 64}, "masking": {"batch_size": 64}, "preview_count": 0,
          "data": {"input_size": 32}}
@@ -42,19 +42,6 @@ def stack(tmp_path_factory, caches):
     with running(tmp_path_factory.mktemp("stack"), worker=True, MASKTUNE_REPORT_CATALOG="1",
                  TORCH_HOME=str(caches / "torch"), HF_HOME=str(caches / "hf")) as stack:
         yield stack
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with stack.client(stack.create_key("acme")) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def dataset(client, tiny_digits):
-    ds = upload_dataset(client, zip_dir(tiny_digits))
-    assert ds["status"] == "ready", ds
-    return ds
 
 
 @pytest.fixture(scope="module")

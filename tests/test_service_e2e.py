@@ -75,45 +75,32 @@ def stack(tmp_path_factory):
         yield stack
 
 
-@pytest.fixture(scope="module")
-def acme(stack):
-    with stack.client(stack.create_key("acme")) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def ready_dataset(acme, tiny_digits):
-    dataset = upload_dataset(acme, zip_dir(tiny_digits))
-    assert dataset["status"] == "ready", dataset
-    return dataset
-
-
-def test_upload_job_poll_download(stack, acme, ready_dataset, tiny_digits, tmp_path):
-    summary = ready_dataset["summary"]
+def test_upload_job_poll_download(stack, client, dataset, tiny_digits, tmp_path):
+    summary = dataset["summary"]
     assert summary["classes"] == ["0", "1"] and len(summary["groups"]) == 4
     assert summary["splits"]["train"]["images"] == 300
 
-    job = run_job(acme, {"dataset_id": ready_dataset["id"], **SMALL_JOB})
+    job = run_job(client, {"dataset_id": dataset["id"], **SMALL_JOB})
     assert job["status"] == "succeeded", (job, stack.log_tail("worker"))
     assert job["progress"] == 1.0 and job["attempts"] == 1 and job["error"] is None
     assert job["config"]["erm"]["epochs"] == 3 and job["config"]["erm"]["lr"] == 0.01
 
-    events = acme.get(f"/v1/jobs/{job['id']}/events", params={"limit": 500}).json()["data"]
+    events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 500}).json()["data"]
     ids = [e["id"] for e in events]
     assert ids == sorted(ids)
     assert [e["stage"] for e in events if e["kind"] == "stage"] == STAGES
     epochs = [e["data"] for e in events if e["kind"] == "epoch"]
     assert [(e["phase"], e["epoch"]) for e in epochs] == [("erm", 1), ("erm", 2), ("erm", 3), ("finetune", 1)]
     assert all(0 <= e["val_accuracy"] <= 1 and e["train_loss"] > 0 for e in epochs)
-    later = acme.get(f"/v1/jobs/{job['id']}/events", params={"after": ids[2]}).json()["data"]
+    later = client.get(f"/v1/jobs/{job['id']}/events", params={"after": ids[2]}).json()["data"]
     assert [e["id"] for e in later][:3] == ids[3:6]
 
-    listed = acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    listed = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
     assert {a["name"] for a in listed} == {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json",
                                           "model_card.json"}
     downloads = {}
     for artifact in listed:
-        response = acme.get(f"/v1/jobs/{job['id']}/artifacts/{artifact['name']}")
+        response = client.get(f"/v1/jobs/{job['id']}/artifacts/{artifact['name']}")
         assert response.status_code == 200
         assert int(response.headers["content-length"]) == len(response.content) == artifact["size_bytes"]
         assert response.headers["etag"].strip('"') == hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
@@ -126,57 +113,57 @@ def test_upload_job_poll_download(stack, acme, ready_dataset, tiny_digits, tmp_p
     assert got == pytest.approx(metrics["masktune"]["test"]["overall_accuracy"])
 
     # The ERM weights, uploaded back as a model, start a job that skips ERM.
-    response = acme.post("/v1/models", files={"file": ("erm.safetensors", downloads["erm.safetensors"])},
+    response = client.post("/v1/models", files={"file": ("erm.safetensors", downloads["erm.safetensors"])},
                          data={"architecture": "small_cnn", "num_classes": "2"})
     assert response.status_code == 201, response.text
-    model = wait_for(acme, f"/v1/models/{response.json()['id']}", lambda m: m["status"] != "validating", 60)
+    model = wait_for(client, f"/v1/models/{response.json()['id']}", lambda m: m["status"] != "validating", 60)
     assert model["status"] == "ready", model
-    again = run_job(acme, {"dataset_id": ready_dataset["id"], **SMALL_JOB, "erm": {"epochs": 0},
+    again = run_job(client, {"dataset_id": dataset["id"], **SMALL_JOB, "erm": {"epochs": 0},
                            "model": {"architecture": "small_cnn", "weights_id": model["id"]}})
     assert again["status"] == "succeeded", again
     assert again["metrics"]["erm"]["test"] == job["metrics"]["erm"]["test"]
 
 
-def test_cancel_a_running_job_then_the_worker_takes_the_next(acme, ready_dataset):
-    long = acme.post("/v1/jobs", json={"dataset_id": ready_dataset["id"], **SMALL_JOB, "erm": {"epochs": 500, "batch_size": 16}}).json()
-    wait_for(acme, f"/v1/jobs/{long['id']}", lambda j: j["status"] == "running" and j["stage"] == "erm", 60)
+def test_cancel_a_running_job_then_the_worker_takes_the_next(client, dataset):
+    long = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **SMALL_JOB, "erm": {"epochs": 500, "batch_size": 16}}).json()
+    wait_for(client, f"/v1/jobs/{long['id']}", lambda j: j["status"] == "running" and j["stage"] == "erm", 60)
     asked = time.monotonic()
-    response = acme.post(f"/v1/jobs/{long['id']}/cancel")
+    response = client.post(f"/v1/jobs/{long['id']}/cancel")
     assert response.status_code == 200 and response.json()["status"] in {"cancelling", "cancelled"}
-    cancelled = wait_for(acme, f"/v1/jobs/{long['id']}", lambda j: j["status"] == "cancelled", 30)
+    cancelled = wait_for(client, f"/v1/jobs/{long['id']}", lambda j: j["status"] == "cancelled", 30)
     assert time.monotonic() - asked < 10
     assert cancelled["finished_at"] is not None
-    assert acme.post(f"/v1/jobs/{long['id']}/cancel").json()["status"] == "cancelled"
-    assert run_job(acme, {"dataset_id": ready_dataset["id"], **SMALL_JOB})["status"] == "succeeded"
+    assert client.post(f"/v1/jobs/{long['id']}/cancel").json()["status"] == "cancelled"
+    assert run_job(client, {"dataset_id": dataset["id"], **SMALL_JOB})["status"] == "succeeded"
 
 
-def test_invalid_dataset_gets_a_reason(acme, tmp_path):
+def test_invalid_dataset_gets_a_reason(client, tmp_path):
     one_class = tmp_path / "one"
     (one_class / "train/cat").mkdir(parents=True)
     from PIL import Image
 
     for i in range(3):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(one_class / f"train/cat/{i}.png")
-    dataset = upload_dataset(acme, zip_dir(one_class))
+    dataset = upload_dataset(client, zip_dir(one_class))
     assert dataset["status"] == "invalid" and "one class" in dataset["error"]
-    response = acme.post("/v1/jobs", json={"dataset_id": dataset["id"]})
+    response = client.post("/v1/jobs", json={"dataset_id": dataset["id"]})
     assert response.status_code == 422
     assert response.headers["content-type"].startswith("application/problem+json")
-    not_zip = upload_dataset(acme, b"definitely not an archive", name="data.zip")
+    not_zip = upload_dataset(client, b"definitely not an archive", name="data.zip")
     assert not_zip["status"] == "invalid" and "archive" in not_zip["error"]
 
 
-def test_other_tenants_see_nothing(stack, acme, ready_dataset):
-    job = acme.post("/v1/jobs", json={"dataset_id": ready_dataset["id"], **SMALL_JOB}).json()
+def test_other_tenants_see_nothing(stack, client, dataset):
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **SMALL_JOB}).json()
     with stack.client(stack.create_key("globex")) as globex:
-        for url in (f"/v1/datasets/{ready_dataset['id']}", f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events",
+        for url in (f"/v1/datasets/{dataset['id']}", f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events",
                     f"/v1/jobs/{job['id']}/artifacts", f"/v1/jobs/{job['id']}/artifacts/metrics.json"):
             response = globex.get(url)
             assert response.status_code == 404, url
             assert response.json()["code"] == "not_found"
-        assert globex.post("/v1/jobs", json={"dataset_id": ready_dataset["id"]}).status_code == 404
+        assert globex.post("/v1/jobs", json={"dataset_id": dataset["id"]}).status_code == 404
         assert globex.get("/v1/jobs").json()["data"] == []
-    wait_for(acme, f"/v1/jobs/{job['id']}", lambda j: j["status"] == "succeeded")
+    wait_for(client, f"/v1/jobs/{job['id']}", lambda j: j["status"] == "succeeded")
 
 
 def test_embedded_defaults_run_the_same_flow(tiny_digits, tmp_path):
