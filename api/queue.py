@@ -10,7 +10,7 @@ import threading
 
 from celery import Celery
 
-from jobstore.settings import Settings
+from jobstore.settings import COMMAND_REPORT_DEVICE, Settings
 
 # Fail a request within seconds when the broker is down instead of hanging on retries.
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
@@ -40,3 +40,13 @@ def check_broker(settings: Settings) -> None:
     """Raise if the broker cannot be reached (for /readyz)."""
     with celery_app(settings).connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+
+
+def live_workers(settings: Settings, timeout: float) -> list[dict]:
+    """The workers that answer a broadcast within ``timeout`` seconds and consume this deployment's
+    queues: name, device and queues each. Empty when none answers."""
+    ours = {settings.jobs_queue, settings.validation_queue}
+    replies = celery_app(settings).control.broadcast(COMMAND_REPORT_DEVICE, reply=True, timeout=timeout)
+    workers = [{"name": name, **report} for reply in replies for name, report in reply.items()
+               if isinstance(report, dict) and ours & set(report.get("queues", []))]
+    return sorted(workers, key=lambda w: w["name"])

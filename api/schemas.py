@@ -188,10 +188,21 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class WorkerInfo(BaseModel):
+    name: str = Field(description="The Celery worker's name (-n), e.g. gpu0@host.")
+    device: str | None = Field(description="Where its jobs run: cpu, cuda, cuda:1 (MASKTUNE_DEVICE, checked when it started).")
+    cuda_devices: int = Field(description="CUDA devices the worker sees.")
+    queues: list[str] = Field(description="The queues it consumes: jobs, validation, or both.")
+
+
 class Readiness(BaseModel):
     database: str = Field(description="ok, or error: <kind>")
     broker: str
     storage: str
+    workers: list[WorkerInfo] = Field(
+        default_factory=list,
+        description="Workers that answered within a second. Informational: an API without workers still accepts "
+        "jobs (they wait queued), so it does not make the answer 503.")
 
 
 class ArchitectureInfo(BaseModel):

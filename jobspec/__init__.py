@@ -171,6 +171,19 @@ class SelectiveConfig(_Strict):
         return self
 
 
+class RuntimeConfig(_Strict):
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Arithmetic of training, inference and saliency: auto = bf16 autocast on a CUDA device that supports "
+        "it, else fp32 (so a CPU run gives the same result for the same seed); fp16 trains with a gradient scaler. "
+        "Saliency maps are always combined in fp32.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model for training and inference: minutes of compilation per stage first, "
+        "worth it for long GPU runs only.",
+    )
+
+
 # The official recipes (github.com/aliasgharkhani/Masktune, bash_files/*_masktune.sh and
 # src/methods/*_train.py; the README cites each value). Explicit fields override them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -224,6 +237,7 @@ class JobConfig(_Strict):
         False, description="With several rounds, compute later masks on the already-masked images and keep earlier masks (official option)."
     )
     selective: SelectiveConfig = SelectiveConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     preview_count: int = Field(8, ge=0, le=64, description="Training images shown in previews.png.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds weights, splits, shuffling and augmentation: same seed, same result on CPU.")
 

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
 TASK_RUN_JOB = "masktune.run_job"
 TASK_VALIDATE_DATASET = "masktune.validate_dataset"
 TASK_VALIDATE_MODEL = "masktune.validate_model"
+# The broadcast command each worker answers with its device and queues (GET /readyz).
+COMMAND_REPORT_DEVICE = "masktune_report_device"
 
 
 @lru_cache

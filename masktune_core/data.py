@@ -571,6 +571,11 @@ def augment(x: torch.Tensor, preset: str, generator: torch.Generator) -> torch.T
     x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
     pad = max(1, h // 8)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    # Every image's crop in one gather (one kernel on a GPU, not one per image).
+    rows = (dy[:, None] + torch.arange(h)).to(x.device)[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)).to(x.device)[:, None, None, :]
+    images = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[images, channels, rows, cols]

@@ -43,8 +43,8 @@ from .previews import render_previews
 from .rowfile import RowFile
 from .saliency import saliency_maps
 from .training import (
-    LoopSettings, accuracy, epoch_generator, in_order, load_checkpoint, make_optimizer,
-    model_input, predict_logits, read_ahead, save_checkpoint, train_one_epoch,
+    LoopSettings, accuracy, autocast_dtype, epoch_generator, in_order, load_checkpoint, make_optimizer,
+    model_input, place_model, predict_logits, read_ahead, save_checkpoint, train_one_epoch,
 )
 
 STAGES = ("prepare", "erm", "saliency", "finetune", "evaluate", "export")
@@ -105,6 +105,7 @@ class MaskTuneRun:
         self.workdir = Path(workdir) if workdir else self.out_dir / rf.WORK
         self.initial_weights = Path(initial_weights) if initial_weights else None
         self.device = pick_device(device)
+        self.precision = autocast_dtype(self.config.runtime.precision, self.device)
         self.on_event = on_event or (lambda event: None)
         self.should_cancel = should_cancel or (lambda: False)
         self.input_size = resolve_input_size(self.config.model.architecture, self.config.data.input_size)
@@ -169,7 +170,14 @@ class MaskTuneRun:
             augmentation=cfg.augmentation,
             should_cancel=self.should_cancel,
             on_batch=lambda done, total: self._emit("progress", done / total),
+            precision=self.precision,
         )
+
+    def _placed(self, model: torch.nn.Module, loop: LoopSettings) -> torch.nn.Module:
+        """The model on the device, ready to train or predict: compiled when ``runtime.compile``
+        (the compiled module shares the parameters; checkpoints are taken from the original)."""
+        model = place_model(model, loop)
+        return torch.compile(model) if self.config.runtime.compile else model
 
     # ------------------------------------------------------------ the run
 
@@ -178,6 +186,8 @@ class MaskTuneRun:
         if not self.data.exists():
             raise DatasetError(f"no dataset at {self.data}")
         map_large_buffers()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
         self.dataset_sha256 = self.dataset_sha256 or dataset_sha256(self.data)
         self.workdir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
@@ -278,12 +288,12 @@ class MaskTuneRun:
         saliency_target_name(model, self.config.model.architecture, self.input_size)
         if not last_path.exists():
             self._load_start(model)
-        model.to(self.device)
+        loop = self._loop()
+        net = self._placed(model, loop)
         optimizer = make_optimizer(model, cfg)
         train, val = self.split("train"), self.split("val")
-        loop = self._loop()
         if cfg.epochs == 0:
-            val_acc = accuracy(predict_logits(model, val, cfg.batch_size, loop), val.labels)
+            val_acc = accuracy(predict_logits(net, val, cfg.batch_size, loop), val.labels)
             for path in (best_path, last_path):
                 save_checkpoint(path, model, optimizer, epoch=-1, val_accuracy=val_acc, best_val_accuracy=val_acc)
             self._emit("progress", 1.0, "ERM skipped: the uploaded weights are the ERM model", val_accuracy=val_acc)
@@ -295,8 +305,8 @@ class MaskTuneRun:
             self._emit("progress", start / cfg.epochs, f"resuming ERM after epoch {start}", resumed_from_epoch=start)
         for epoch in range(start, cfg.epochs):
             loop.on_batch = lambda done, total, e=epoch: self._emit("progress", (e + done / total) / cfg.epochs)
-            stats = train_one_epoch(model, optimizer, train, cfg.batch_size, epoch_generator(self.config.seed, "erm", epoch), loop)
-            val_acc = accuracy(predict_logits(model, val, cfg.batch_size, loop), val.labels)
+            stats = train_one_epoch(net, optimizer, train, cfg.batch_size, epoch_generator(self.config.seed, "erm", epoch), loop)
+            val_acc = accuracy(predict_logits(net, val, cfg.batch_size, loop), val.labels)
             if val_acc > best:
                 best = val_acc
                 save_checkpoint(best_path, model, optimizer, epoch=epoch, val_accuracy=val_acc, best_val_accuracy=best)
@@ -314,7 +324,8 @@ class MaskTuneRun:
         cfg = self.config.masking
         model = self.new_model()
         load_checkpoint(self._masking_source(iteration), model)
-        model.to(self.device)
+        loop = self._loop()
+        place_model(model, loop)  # not compiled: saliency hooks into a layer of the module itself
         target = saliency_target_layer(model, self.config.model.architecture, self.input_size)
         train = self.split("train")
         side = self.input_size
@@ -324,15 +335,14 @@ class MaskTuneRun:
         preview_idx = torch.randperm(len(train), generator=epoch_generator(self.config.seed, "preview", 0))[: self.config.preview_count]
         preview_maps: dict[int, torch.Tensor] = {}
         masked_pixels = images_with_mask = 0
-        loop = self._loop()
         batches = in_order(len(train), cfg.batch_size)
         with rf.atomic_path(self.workdir / rf.masks_file(iteration)) as tmp, \
                 RowFile.create(tmp, (len(train), (side * side + 7) // 8), np.uint8) as masks_out, \
-                closing(read_ahead(train, batches, previous)) as batch_images:
+                closing(read_ahead(train, batches, previous, pin=loop.on_gpu)) as batch_images:
             for idx, images in zip(batches, batch_images):
                 if self.should_cancel():
                     raise JobCancelled()
-                maps, _ = saliency_maps(cfg.method, model, target, model_input(images, loop))
+                maps, _ = saliency_maps(cfg.method, model, target, model_input(images, loop), loop.precision)
                 maps = maps.cpu()
                 masks = threshold_masks(maps, cfg.threshold_std)
                 if previous is not None:
@@ -356,7 +366,8 @@ class MaskTuneRun:
 
     def _stage_finetune(self, iteration: int) -> None:
         model = self.new_model()
-        model.to(self.device)
+        loop = self._loop()
+        net = self._placed(model, loop)
         optimizer = make_optimizer(model, self.config.erm)
         start = self.workdir / (rf.ERM_LAST if iteration == 1 else rf.finetune_checkpoint(iteration - 1))
         load_checkpoint(start, model, optimizer)
@@ -364,12 +375,11 @@ class MaskTuneRun:
         masks = RowFile(self.workdir / rf.masks_file(iteration))
         batch_size = self.config.finetune.batch_size or self.config.erm.batch_size
         epochs = self.config.finetune.epochs
-        loop = self._loop()
         for epoch in range(epochs):
             loop.on_batch = lambda done, total, e=epoch: self._emit("progress", (e + done / total) / epochs)
-            stats = train_one_epoch(model, optimizer, train, batch_size,
+            stats = train_one_epoch(net, optimizer, train, batch_size,
                                     epoch_generator(self.config.seed, "finetune", iteration * 1000 + epoch), loop, masks)
-            val_acc = accuracy(predict_logits(model, val, batch_size, loop), val.labels)
+            val_acc = accuracy(predict_logits(net, val, batch_size, loop), val.labels)
             self._emit("epoch", (epoch + 1) / epochs, f"finetune epoch {epoch + 1}/{epochs}", phase="finetune",
                        iteration=iteration, epoch=epoch + 1, epochs=epochs, train_loss=stats["loss"],
                        train_accuracy=stats["accuracy"], val_accuracy=val_acc)
@@ -379,7 +389,7 @@ class MaskTuneRun:
     def _trained(self, checkpoint: str) -> torch.nn.Module:
         model = self.new_model()
         load_checkpoint(self.workdir / checkpoint, model)
-        return model.to(self.device)
+        return place_model(model, self._loop())
 
     def _stage_evaluate(self) -> None:
         p = self.index
@@ -438,6 +448,7 @@ class MaskTuneRun:
             "dataset_sha256": self.dataset_sha256,
             "initial_weights_sha256": dataset_sha256(self.initial_weights) if self.initial_weights else None,
             "device": str(self.device),
+            "precision": str(self.precision or torch.float32).removeprefix("torch."),
             "classes": self.index["classes"],
             "groups": self.index["groups"],
             "dataset_summary": self.index["summary"],

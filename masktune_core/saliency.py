@@ -9,6 +9,10 @@ The other methods run on pytorch_grad_cam itself.
 
 A map is ReLU(sum_k w_k A_k), min-max normalised per image, bilinearly resized
 to the input and normalised again, exactly as grad-cam post-processes it.
+
+Under ``autocast`` (bf16 or fp16 on a GPU) only the network's forward and backward
+run in low precision; the weights, the weighted sum and the normalisation are fp32.
+The grad-cam library's methods always run in fp32 (they pass tensors through numpy).
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ def postprocess(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return _normalize_per_image(cam.clamp(min=0))
 
 
-def xgradcam(model: nn.Module, target_layer: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maps [N, H, W] in 0..1, predicted classes [N]) for a batch of normalised inputs."""
+def xgradcam(model: nn.Module, target_layer: nn.Module, inputs: torch.Tensor,
+             autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps [N, H, W] in 0..1, predicted classes [N]) for a batch of normalised inputs; the network
+    runs under autocast to ``autocast`` when given."""
     captured: dict[str, torch.Tensor] = {}
 
     def cut_graph_here(module, args, output):
@@ -69,13 +75,14 @@ def xgradcam(model: nn.Module, target_layer: nn.Module, inputs: torch.Tensor) ->
         handle = target_layer.register_forward_hook(cut_graph_here)
         try:
             with torch.enable_grad():
-                logits = model(inputs)
+                with torch.autocast(inputs.device.type, dtype=autocast, enabled=autocast is not None):
+                    logits = model(inputs)
                 predicted = logits.argmax(dim=1)
-                score = logits.gather(1, predicted[:, None]).sum()
+                score = logits.float().gather(1, predicted[:, None]).sum()
                 (grads,) = torch.autograd.grad(score, captured["A"])
         finally:
             handle.remove()
-        activations = captured["A"].detach()
+        activations, grads = captured["A"].detach().float(), grads.float()
         weights = (grads * activations).sum(dim=(2, 3)) / (activations.sum(dim=(2, 3)) + _EPS)
         cam = (weights[:, :, None, None] * activations).sum(dim=1)
         return postprocess(cam, tuple(inputs.shape[-2:])), predicted
@@ -97,7 +104,8 @@ def library_cam(method: str, model: nn.Module, target_layer: nn.Module, inputs: 
     return torch.from_numpy(maps).to(inputs.device), predicted
 
 
-def saliency_maps(method: str, model: nn.Module, target_layer: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def saliency_maps(method: str, model: nn.Module, target_layer: nn.Module, inputs: torch.Tensor,
+                  autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if method == "xgradcam":
-        return xgradcam(model, target_layer, inputs)
+        return xgradcam(model, target_layer, inputs, autocast)
     return library_cam(method, model, target_layer, inputs)

@@ -33,6 +33,8 @@ def test_the_design_body_parses():
     {"data": {"input_size": 4}},
     {"data": {"augmentation": "mixup"}},
     {"selective": {"coverages": [0.5, 1.5]}},
+    {"runtime": {"precision": "fp8"}},
+    {"runtime": {"device": "cuda"}},  # the device is the worker's, not the job's
     {"seed": -1},
 ])
 def test_out_of_range_and_unknown_fields_are_rejected(body):

@@ -142,9 +142,9 @@ def test_finetune_starts_from_last_checkpoint_with_its_optimizer_state(tiny_digi
         seen["erm"] = True
         return real_train(model, optimizer, data, batch_size, generator, loop, masks)
 
-    def spy_saliency(method, model, target, inputs):
+    def spy_saliency(method, model, target, inputs, autocast=None):
         seen.setdefault("saliency", {k: v.clone() for k, v in model.state_dict().items()})
-        return real_saliency(method, model, target, inputs)
+        return real_saliency(method, model, target, inputs, autocast)
 
     monkeypatch.setattr(pipeline_module, "train_one_epoch", spy_train)
     monkeypatch.setattr(pipeline_module, "saliency_maps", spy_saliency)

@@ -188,11 +188,15 @@ def test_embedded_defaults_run_the_same_flow(tiny_digits, tmp_path):
         secret = json.loads(key_file.read_text())["secret"]
         assert secret in (tmp_path / "serve.log").read_text()  # the start prints the local key
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}, timeout=30) as client:
-            assert client.get("/readyz").json() == {"database": "ok", "broker": "ok", "storage": "ok"}
             dataset = upload_dataset(client, zip_dir(tiny_digits))
             assert dataset["status"] == "ready", dataset
             job = run_job(client, {"dataset_id": dataset["id"], **SMALL_JOB})
             assert job["status"] == "succeeded", (job, (tmp_path / "svc/worker.log").read_text()[-3000:])
+            ready = client.get("/readyz").json()
+            assert {k: ready[k] for k in ("database", "broker", "storage")} == {"database": "ok", "broker": "ok", "storage": "ok"}
+            # Both embedded workers answer, each with the device its jobs run on (no GPU here).
+            assert {w["name"].split("@")[0]: (w["device"], w["queues"]) for w in ready["workers"]} == {
+                "jobs": ("cpu", ["masktune.jobs"]), "validation": ("cpu", ["masktune.validation"])}
             weights = client.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors").content
         assert (tmp_path / "svc/masktune.db").exists()
         assert list((tmp_path / "svc/blobs/jobs").glob("*/artifacts/model.safetensors"))[0].read_bytes() == weights

@@ -13,9 +13,10 @@ from jobstore.db import get_engine
 
 from .. import schemas
 from ..deps import BlobsDep, SettingsDep
-from ..queue import check_broker
+from ..queue import check_broker, live_workers
 
 log = logging.getLogger("api")
+WORKER_REPLY_S = 1.0  # how long /readyz listens for workers' answers
 router = APIRouter(tags=["health"])
 
 
@@ -39,13 +40,21 @@ def _database(url: str) -> None:
         conn.execute(text("SELECT 1"))
 
 
-@router.get("/readyz", response_model=schemas.Readiness, summary="Database, broker and storage are reachable",
+@router.get("/readyz", response_model=schemas.Readiness,
+            summary="Database, broker and storage are reachable; the live workers and their devices",
             responses={503: {"model": schemas.Readiness, "description": "Some dependency is unreachable"}})
 def readyz(settings: SettingsDep, blobs: BlobsDep) -> JSONResponse:
-    result = schemas.Readiness(
-        database=_probe("database", lambda: _database(settings.database_url)),
-        broker=_probe("broker", lambda: check_broker(settings)),
-        storage=_probe("storage", blobs.check),
-    )
-    ok = all(v == "ok" for v in result.model_dump().values())
+    checks = {
+        "database": _probe("database", lambda: _database(settings.database_url)),
+        "broker": _probe("broker", lambda: check_broker(settings)),
+        "storage": _probe("storage", blobs.check),
+    }
+    ok = all(v == "ok" for v in checks.values())
+    workers = []
+    if checks["broker"] == "ok":
+        try:
+            workers = live_workers(settings, WORKER_REPLY_S)
+        except Exception as exc:
+            log.warning("asking the workers for their devices failed: %r", exc)
+    result = schemas.Readiness(**checks, workers=workers)
     return JSONResponse(result.model_dump(), status_code=200 if ok else 503)
