@@ -10,8 +10,16 @@ from jobstore.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose's own tags: ``!reset`` drops what the file it overrides set."""
+
+
+RESET = object()
+_ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+
+
+def compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.load((ROOT / name).read_text(), Loader=_ComposeLoader)
 
 
 def test_services_ports_and_health_checks():
@@ -29,11 +37,30 @@ def test_images_and_gpu_reservation():
     services = compose()["services"]
     assert services["api"]["build"]["target"] == "api"
     assert services["worker"]["build"]["target"] == "worker"
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     # api and worker share the blob volume (one host; S3-compatible storage for several).
     assert any(v.startswith("blobs:") for v in services["api"]["volumes"])
     assert any(v.startswith("blobs:") for v in services["worker"]["volumes"])
+
+
+def test_one_job_worker_per_gpu_that_refuses_to_run_without_it():
+    worker = compose()["services"]["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["device_ids"] == ["0"]
+    assert "count" not in device  # device_ids pins the GPU; a count would let two workers share one
+    assert worker["environment"]["MASKTUNE_DEVICE"] == "cuda"
+    command = worker["command"]
+    assert command[command.index("-Q") + 1] == "masktune.jobs"  # jobs only: validation is the beat's
+    name = command[command.index("-n") + 1].split("@")[0]
+    assert f"-d {name}@" in worker["healthcheck"]["test"][1]  # the health check pings this worker
+
+
+def test_the_cpu_override_runs_the_same_worker_on_the_cpu():
+    base, override = compose()["services"], compose("compose.cpu.yaml")["services"]
+    assert set(override) == {"worker"} <= set(base)
+    assert override["worker"]["deploy"] is RESET  # no GPU reservation left to fail on a host without one
+    merged = {**base["worker"]["environment"], **override["worker"]["environment"]}
+    assert Settings(**{k[len("MASKTUNE_"):].lower(): v for k, v in merged.items() if k.startswith("MASKTUNE_")}).device == "cpu"
+    assert "compose.cpu.yaml" in (ROOT / "docker-compose.yml").read_text()  # the base file says how to use it
 
 
 def test_environment_names_real_settings_that_point_at_the_compose_services():
