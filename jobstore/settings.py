@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good (a worker that dies mid-job counts).")
     visibility_timeout_s: int = Field(24 * 3600, ge=60, description="Redis redelivers an unacknowledged job after this long; must exceed the longest job.")
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress writes of a running job.")
-    device: str | None = Field(None, description="Worker device (cpu, cuda, cuda:1); default: CUDA when present.")
+    device: str | None = Field(None, description="Worker device (cpu, cuda, cuda:1); default: CUDA when present. A worker "
+                               "that cannot have the device it is given refuses to start.")
     jobs_queue: str = Field("masktune.jobs", description="Queue of MaskTune runs (GPU workers).")
     validation_queue: str = Field("masktune.validation", description="Queue of upload validation (CPU is enough).")
     max_active_jobs_per_tenant: int = Field(4, ge=1, description="Queued + running jobs a tenant may have; past it POST /v1/jobs answers 429 with Retry-After.")
