@@ -7,6 +7,9 @@ worst_class]}``, accuracies in 0..1.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -65,29 +68,106 @@ _GLOBAL_SHORTCUT_HINT = (
     "finetune.batch_size or several masktune_iterations."
 )
 
+MIN_GROUP_IMAGES = 20  # fewer images in a group than this, and no call is made on it
+_Z95 = 1.959964
+BOOTSTRAP_RESAMPLES = 2000
 
-def verdict(erm: dict, masktune: dict, split: str, masked_fraction: float | None) -> dict:
-    """Did MaskTune improve the worst group (else worst class) on ``split``, and by how much."""
-    key = "worst_group_accuracy" if "worst_group_accuracy" in erm else "worst_class_accuracy"
-    what = "worst-group" if key == "worst_group_accuracy" else "worst-class"
-    before, after = erm[key], masktune[key]
-    change = after - before
+
+def wilson_interval(correct: int, count: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound for small counts and for 0 or 1)."""
+    if count == 0:
+        return 0.0, 1.0
+    p, z2 = correct / count, _Z95 ** 2
+    centre = (p + z2 / (2 * count)) / (1 + z2 / count)
+    half = _Z95 * math.sqrt(p * (1 - p) / count + z2 / (4 * count ** 2)) / (1 + z2 / count)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _paired_bootstrap(before: list[np.ndarray], after: list[np.ndarray], seed: int) -> tuple[float, float]:
+    """95% interval of (worst subset accuracy after) - (worst before), resampling images with replacement
+    within each subset, the same images for both models. A subset's resample is a multinomial draw
+    over its four (before right?, after right?) outcomes, so the cost does not grow with its size."""
+    rng = np.random.default_rng(seed)
+    worst_before = np.full(BOOTSTRAP_RESAMPLES, np.inf)
+    worst_after = np.full(BOOTSTRAP_RESAMPLES, np.inf)
+    for b, a in zip(before, after):
+        outcomes = np.bincount(b.astype(int) * 2 + a.astype(int), minlength=4) / len(b)
+        counts = rng.multinomial(len(b), outcomes, size=BOOTSTRAP_RESAMPLES)
+        worst_before = np.minimum(worst_before, (counts[:, 2] + counts[:, 3]) / len(b))
+        worst_after = np.minimum(worst_after, (counts[:, 1] + counts[:, 3]) / len(b))
+    low, high = np.percentile(worst_after - worst_before, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def verdict(erm_correct: torch.Tensor, masktune_correct: torch.Tensor, keys: torch.Tensor, names: list[str],
+            subset: str, split: str, masked_fraction: float | None, seed: int = 0) -> dict:
+    """Did MaskTune change the worst ``subset`` ("group", else "class") accuracy on ``split``, and does the
+    data say so? ``*_correct``: bool per image; ``keys``: each image's group (or class) index into ``names``.
+
+    ``call`` is ``improved`` or ``worse`` only when every subset has at least MIN_GROUP_IMAGES images and
+    the 95% paired-bootstrap interval of the change excludes zero; otherwise ``inconclusive``, and the
+    message rests on what the data supports (the mean over subsets, each subset's change), never on a tie.
+    """
+    before, after, table = [], [], {}
+    for i, name in enumerate(names):
+        hit = keys == i
+        if int(hit.sum()):
+            b, a = erm_correct[hit].numpy(), masktune_correct[hit].numpy()
+            before.append(b)
+            after.append(a)
+            table[name] = {"count": len(b), "erm": float(b.mean()), "masktune": float(a.mean())}
+    if not table:
+        raise ValueError(f"no {split} images to judge")
+    erm_worst = min(table, key=lambda g: table[g]["erm"])
+    mt_worst = min(table, key=lambda g: table[g]["masktune"])
+    smallest = min(table, key=lambda g: table[g]["count"])
+    change = table[mt_worst]["masktune"] - table[erm_worst]["erm"]
+    low, high = _paired_bootstrap(before, after, seed)
+    enough = table[smallest]["count"] >= MIN_GROUP_IMAGES
+    masked_nothing = masked_fraction == 0
+    call = "inconclusive" if not enough or masked_nothing or low <= 0 <= high else ("improved" if low > 0 else "worse")
+
+    def interval(model: str, name: str) -> list[float]:
+        return list(wilson_interval(round(table[name][model] * table[name]["count"]), table[name]["count"]))
+
+    mean_before = sum(t["erm"] for t in table.values()) / len(table)
+    mean_after = sum(t["masktune"] for t in table.values()) / len(table)
     out = {
-        "split": split,
-        "metric": key,
-        "erm": before,
-        "masktune": after,
-        "change": change,
-        "improved": change > 0,
+        "split": split, "metric": f"worst_{subset}_accuracy", "call": call, "improved": call == "improved",
+        "erm": table[erm_worst]["erm"], "masktune": table[mt_worst]["masktune"], "change": change,
+        "erm_worst": erm_worst, "masktune_worst": mt_worst,
+        "erm_interval": interval("erm", erm_worst), "masktune_interval": interval("masktune", mt_worst),
+        "change_interval": [low, high], "interval_method": f"95%: Wilson per {subset}; change: paired bootstrap "
+        f"over {split} images within each {subset}, {BOOTSTRAP_RESAMPLES} resamples",
+        "smallest": smallest, "smallest_count": table[smallest]["count"], "min_count_for_a_call": MIN_GROUP_IMAGES,
+        f"{subset}_mean": {"erm": mean_before, "masktune": mean_after},
+        f"per_{subset}": table, "masked_pixel_fraction": masked_fraction,
     }
-    if change > 0:
-        out["message"] = f"MaskTune raised {split} {what} accuracy from {before:.3f} to {after:.3f} (+{change:.3f})."
+    what = f"{split} worst-{subset} accuracy"
+    figures = (f"{table[erm_worst]['erm']:.3f} [{out['erm_interval'][0]:.2f}, {out['erm_interval'][1]:.2f}] -> "
+               f"{table[mt_worst]['masktune']:.3f} [{out['masktune_interval'][0]:.2f}, {out['masktune_interval'][1]:.2f}], "
+               f"change {change:+.3f}")
+    spread = f"(95% interval {low:+.2f} to {high:+.2f})"
+    masked = f" It masked {masked_fraction:.1%} of the training pixels." if masked_fraction is not None else ""
+    if call == "improved":
+        out["message"] = f"MaskTune raised {what}: {figures} {spread}."
+    elif call == "worse":
+        out["message"] = f"Warning: MaskTune lowered {what}: {figures} {spread}.{masked} {_GLOBAL_SHORTCUT_HINT}"
     else:
-        masked = f" It masked {masked_fraction:.1%} of the training pixels." if masked_fraction is not None else ""
+        if masked_nothing:
+            why = "MaskTune masked none of the training pixels, so it had no shortcut to remove"
+        elif not enough:
+            why = (f"the smallest {split} {subset} ({smallest}) has {table[smallest]['count']} images, too few to "
+                   f"decide on (at least {MIN_GROUP_IMAGES} per {subset} are needed)")
+        else:
+            why = "the interval of the change includes zero"
+        others = ", ".join(f"{name} {t['erm']:.3f}->{t['masktune']:.3f} ({t['count']})" for name, t in table.items())
         out["message"] = (
-            f"Warning: MaskTune did not improve {split} {what} accuracy ({before:.3f} -> {after:.3f}, "
-            f"{change:+.3f}).{masked} {_GLOBAL_SHORTCUT_HINT}"
-        )
+            f"Inconclusive: {why}. {what[0].upper() + what[1:]} {figures}; the difference could be anywhere from "
+            f"{low:+.2f} to {high:+.2f}. What the data does show: mean {subset} accuracy {mean_before:.3f} -> "
+            f"{mean_after:.3f}; per {subset} (images): {others}.{masked} Both models are in the artifacts "
+            f"(model.safetensors: MaskTune, erm.safetensors: ERM); a larger validation split "
+            f"(data.val_fraction) would settle it.")
     return out
 
 

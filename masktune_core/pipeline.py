@@ -413,7 +413,10 @@ class MaskTuneRun:
             "masked_pixel_fraction": saliency["masked_pixel_fraction"],
             "images_with_mask_fraction": saliency["images_with_mask_fraction"],
         }
-        metrics["verdict"] = verdict(metrics["erm"]["val"], metrics["masktune"]["val"], "val", saliency["masked_pixel_fraction"])
+        val = self.split("val")
+        keys, names, subset = (val.groups, p["groups"], "group") if p["groups"] else (val.labels, p["classes"], "class")
+        metrics["verdict"] = verdict(logits["erm", "val"].argmax(1) == val.labels, logits["masktune", "val"].argmax(1) == val.labels,
+                                     keys, names, subset, "val", saliency["masked_pixel_fraction"], seed=self.config.seed)
         if self.config.selective.enabled:
             if "test" in p["splits"]:
                 val, test = self.split("val"), self.split("test")

@@ -70,7 +70,8 @@ def test_run_writes_every_artifact_with_the_documented_shape(reference_run):
             assert key in m, key
         assert set(m["per_group"]) == {"0_no_square", "0_square", "1_no_square", "1_square"}
         assert all(0 <= g["accuracy"] <= 1 and g["count"] == 20 for g in m["per_group"].values())
-    assert set(metrics["verdict"]) >= {"improved", "change", "erm", "masktune", "message", "metric"}
+    assert set(metrics["verdict"]) >= {"call", "improved", "change", "change_interval", "erm_interval", "masktune_interval",
+                                       "smallest_count", "erm", "masktune", "message", "metric"}
     assert [r["target_coverage"] for r in metrics["selective"]["by_coverage"]] == [0.8, 0.85, 0.9, 0.95, 1.0]
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["data"]["input_size"] == 28 and config["seed"] == 0
@@ -100,6 +101,16 @@ def test_events_walk_through_every_stage_with_monotone_progress(reference_run):
     assert rec.events[-1].kind == "done" and rec.events[-1].progress == 1.0
     assert rec.epochs("erm") == [1, 2, 3] and rec.epochs("finetune") == [1]
     assert all(0 <= e.stage_progress <= 1 for e in rec.events)
+
+
+def test_the_verdict_is_the_final_message_and_a_warning_unless_improved(reference_run):
+    _, metrics, rec = reference_run
+    v = metrics["verdict"]
+    assert v["metric"] == "worst_group_accuracy" and v["smallest_count"] == min(g["count"] for g in v["per_group"].values())
+    assert v["erm"] == metrics["erm"]["val"]["worst_group_accuracy"] and v["masktune"] == metrics["masktune"]["val"]["worst_group_accuracy"]
+    warnings = [e.message for e in rec.events if e.kind == "warning"]
+    assert warnings == ([] if v["call"] == "improved" else [v["message"]])
+    assert rec.events[-1].kind == "done" and rec.events[-1].message == v["message"]
 
 
 def test_same_seed_same_metrics_and_other_seed_differs(reference_run, tiny_digits, tmp_path):
