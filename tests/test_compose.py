@@ -61,6 +61,7 @@ def test_the_cpu_override_runs_the_same_worker_on_the_cpu():
     merged = {**base["worker"]["environment"], **override["worker"]["environment"]}
     assert Settings(**{k[len("MASKTUNE_"):].lower(): v for k, v in merged.items() if k.startswith("MASKTUNE_")}).device == "cpu"
     assert "compose.cpu.yaml" in (ROOT / "docker-compose.yml").read_text()  # the base file says how to use it
+    assert "# COMPOSE_FILE=docker-compose.yml:compose.cpu.yaml" in (ROOT / ".env.example").read_text()
 
 
 def test_environment_names_real_settings_that_point_at_the_compose_services():
