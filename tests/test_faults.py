@@ -29,7 +29,8 @@ from test_service_e2e import upload_dataset, zip_dir
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json"}
-JOB = {"erm": {"epochs": 6, "batch_size": 32}, "masking": {"batch_size": 64}, "preview_count": 2}
+# One ERM epoch: most tests are about what happens around a job, and the 20-job race pays for each epoch 20 times.
+JOB = {"erm": {"epochs": 1, "batch_size": 32}, "masking": {"batch_size": 64}, "preview_count": 2}
 # Smaller ERM batches: most of a second per epoch here, so a kill lands between two epochs.
 SLOW_JOB = {**JOB, "erm": {"epochs": 6, "batch_size": 4}}
 SHORT_SLOW_JOB = {**JOB, "erm": {"epochs": 3, "batch_size": 4}}  # room for one kill between two epochs
@@ -58,7 +59,7 @@ def wait_job(client: httpx.Client, job_id: str, done, timeout: float = 90, what:
         if done(job):
             return job
         assert time.monotonic() < deadline, f"timed out waiting for {what or done}: {job}"
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 def finished(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
@@ -72,7 +73,7 @@ def wait_erm_epoch(client: httpx.Client, job_id: str, timeout: float = 60) -> in
         epochs = [e["data"]["epoch"] for e in events(client, job_id) if e["kind"] == "epoch" and e["data"]["phase"] == "erm"]
         if epochs:
             return max(epochs)
-        time.sleep(0.03)
+        time.sleep(0.1)
     raise AssertionError(f"no ERM epoch within {timeout}s: {events(client, job_id)}")
 
 
