@@ -273,11 +273,11 @@ def run_job(self, job_id: str, waited_for: str | None = None) -> None:
         holder = fresh_claim(session, job_id, settings.heartbeat_timeout_s) if outcome == "busy" else None
     if outcome == "exhausted":
         log.warning("job %s failed: too many attempts (max %d)", job_id, settings.max_attempts)
-    elif holder is not None and holder[0] != waited_for:
-        countdown = holder[1] + STALE_CLAIM_MARGIN_S
+    elif holder is not None and holder.token != waited_for:
+        countdown = holder.stale_in_s + STALE_CLAIM_MARGIN_S
         log.info("job %s: claim %s is fresh; this delivery comes back in %.1f s, when it is stale unless its worker lives",
-                 job_id, holder[0], countdown)
-        raise self.retry(kwargs={"waited_for": holder[0]}, countdown=countdown)
+                 job_id, holder.token, countdown)
+        raise self.retry(kwargs={"waited_for": holder.token}, countdown=countdown)
     elif outcome == "busy":
         log.info("job %s is not claimable (finished, deleted, or another worker holds it); dropping this delivery", job_id)
     else:
