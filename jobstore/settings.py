@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     upload_idle_timeout_s: float = Field(60.0, gt=0, description="An upload that sends nothing for this long is dropped (408), freeing its worker thread.")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job (and an upload being validated) writes its heartbeat, from a thread of its own.")
     heartbeat_timeout_s: float = Field(
-        30.0, gt=0, description=f"A running job whose heartbeat is older than this lost its worker: a redelivered message takes it over, "
+        30.0, gt=0, description="A running job whose heartbeat is older than this lost its worker: a redelivered message takes it over, "
         f"else the reconciler requeues it. At least {MIN_BEATS_PER_TIMEOUT} heartbeat intervals.")
     reconcile_interval_s: float = Field(30.0, gt=0, description="How often the reconciler requeues lost jobs and expires old work areas.")
     work_retention_s: float = Field(7 * 24 * 3600, gt=0, description="Work areas (checkpoints, stage outputs) of finished jobs are deleted after this long; artifacts stay.")
