@@ -9,12 +9,14 @@ from queued (or from running with a stale heartbeat: its worker vanished) to
 running, counts the attempt and stores a fresh claim token. Every later write of
 that attempt names the token, so a duplicate delivery never runs a job twice at
 once and a worker presumed dead that comes back cannot overwrite its successor.
+The claim stays fresh while the worker's heartbeat is younger than
+heartbeat_timeout_s; fresh_claim says how long until it goes stale.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any, Literal
+from datetime import timedelta, timezone
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -73,6 +75,21 @@ def claim_job(session: Session, job_id: str, token: str, *, heartbeat_timeout_s:
         add_event(session, job_id, "status", f"attempt {attempt} started", data={"status": "running", "attempt": attempt})
         return "claimed"
     return "exhausted" if _give_up(session, job_id, [claimable], max_attempts) else "busy"
+
+
+class FreshClaim(NamedTuple):
+    token: str
+    stale_in_s: float  # unless its worker beats again
+
+
+def fresh_claim(session: Session, job_id: str, heartbeat_timeout_s: float) -> FreshClaim | None:
+    """The claim of the attempt running the job with a fresh heartbeat; None when no attempt does."""
+    row = session.execute(select(Job.claim_token, Job.heartbeat_at).where(
+        Job.id == job_id, Job.status == "running", ~heartbeat_stale(heartbeat_timeout_s))).one_or_none()
+    if row is None:
+        return None
+    beat = row.heartbeat_at if row.heartbeat_at.tzinfo else row.heartbeat_at.replace(tzinfo=timezone.utc)  # SQLite: naive UTC
+    return FreshClaim(row.claim_token, max(0.0, heartbeat_timeout_s - (utcnow() - beat).total_seconds()))
 
 
 def recover_lost(session: Session, job_id: str, *, heartbeat_timeout_s: float, max_attempts: int) -> str | None:

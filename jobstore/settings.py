@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .dataset_urls import normalize_url
 
+MIN_BEATS_PER_TIMEOUT = 3  # a job is presumed lost only after at least this many heartbeat intervals without one
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MASKTUNE_", extra="ignore")
@@ -40,8 +42,11 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(4, ge=1, description="Queued + running jobs a tenant may have; past it POST /v1/jobs answers 429 with Retry-After.")
     tenant_storage_quota_bytes: int = Field(50 << 30, ge=1, description="Bytes of uploads and artifacts a tenant may keep; past it uploads are refused.")
     upload_idle_timeout_s: float = Field(60.0, gt=0, description="An upload that sends nothing for this long is dropped (408), freeing its worker thread.")
-    heartbeat_timeout_s: float = Field(600.0, gt=0, description="A running job whose worker has not written for this long is requeued by the reconciler.")
-    reconcile_interval_s: float = Field(60.0, gt=0, description="How often the reconciler requeues lost jobs and expires old work areas.")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job (and an upload being validated) writes its heartbeat, from a thread of its own.")
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="A running job whose heartbeat is older than this lost its worker: a redelivered message takes it over, "
+        f"else the reconciler requeues it. At least {MIN_BEATS_PER_TIMEOUT} heartbeat intervals.")
+    reconcile_interval_s: float = Field(30.0, gt=0, description="How often the reconciler requeues lost jobs and expires old work areas.")
     work_retention_s: float = Field(7 * 24 * 3600, gt=0, description="Work areas (checkpoints, stage outputs) of finished jobs are deleted after this long; artifacts stay.")
     report_catalog: bool = Field(True, description="Workers write their architectures and cached pretrained weights to the database when they start (GET /v1/architectures).")
     api_host: str = Field("127.0.0.1", description="Address the embedded start binds.")
@@ -52,6 +57,14 @@ class Settings(BaseSettings):
     def _normalised_prefixes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         # A prefix the checker cannot read is a deployment error: refuse to start, not every request.
         return {tenant: [normalize_url(p) + "/" for p in prefixes] for tenant, prefixes in value.items()}
+
+    @model_validator(mode="after")
+    def _timeout_spans_beats(self) -> Settings:
+        # One late beat (a slow database write, a busy GIL) must not make a live worker look dead.
+        if self.heartbeat_timeout_s < MIN_BEATS_PER_TIMEOUT * self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be at least {MIN_BEATS_PER_TIMEOUT} "
+                             f"times heartbeat_interval_s ({self.heartbeat_interval_s})")
+        return self
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

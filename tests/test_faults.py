@@ -4,8 +4,8 @@ that every job ended once, with the right attempts, events and artifacts.
 
 One stack for the module (PostgreSQL, Redis, uvicorn, and one Celery worker that is also the
 stack's celery beat and consumes only the validation queue, like compose's ``beat`` service);
-each test starts and kills its own job workers. Heartbeats time out after 4 s and the
-reconciler runs every second, so recoveries take seconds.
+each test starts and kills its own job workers. Heartbeats come every second and time out after
+4 s, and the reconciler runs every second, so recoveries take seconds.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import redis
 
 from jobstore.blobs import BlobStore
 from stack import REDIS_URL, Stack
-from test_service_e2e import zip_dir
+from test_service_e2e import upload_dataset, zip_dir
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json"}
-JOB = {"erm": {"epochs": 6, "batch_size": 32}, "masking": {"batch_size": 64}, "preview_count": 2}
+# One ERM epoch: most tests are about what happens around a job, and the 20-job race pays for each epoch 20 times.
+JOB = {"erm": {"epochs": 1, "batch_size": 32}, "masking": {"batch_size": 64}, "preview_count": 2}
 # Smaller ERM batches: most of a second per epoch here, so a kill lands between two epochs.
 SLOW_JOB = {**JOB, "erm": {"epochs": 6, "batch_size": 4}}
+SHORT_SLOW_JOB = {**JOB, "erm": {"epochs": 3, "batch_size": 4}}  # room for one kill between two epochs
 HEARTBEAT_TIMEOUT_S = 4
 MAX_ATTEMPTS = 2
 RETENTION_S = 3
@@ -57,7 +59,7 @@ def wait_job(client: httpx.Client, job_id: str, done, timeout: float = 90, what:
         if done(job):
             return job
         assert time.monotonic() < deadline, f"timed out waiting for {what or done}: {job}"
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 def finished(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
@@ -71,7 +73,7 @@ def wait_erm_epoch(client: httpx.Client, job_id: str, timeout: float = 60) -> in
         epochs = [e["data"]["epoch"] for e in events(client, job_id) if e["kind"] == "epoch" and e["data"]["phase"] == "erm"]
         if epochs:
             return max(epochs)
-        time.sleep(0.03)
+        time.sleep(0.1)
     raise AssertionError(f"no ERM epoch within {timeout}s: {events(client, job_id)}")
 
 
@@ -126,7 +128,8 @@ def drops(stack: Stack) -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("faults"), MASKTUNE_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_TIMEOUT_S),
+    stack = Stack(tmp_path_factory.mktemp("faults"), MASKTUNE_HEARTBEAT_INTERVAL_S="1",
+                  MASKTUNE_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_TIMEOUT_S),
                   MASKTUNE_RECONCILE_INTERVAL_S="1", MASKTUNE_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
                   MASKTUNE_WORK_RETENTION_S=str(RETENTION_S), MASKTUNE_MAX_ACTIVE_JOBS_PER_TENANT="100",
                   OMP_NUM_THREADS="1")  # a few workers on two cores: more threads only make them spin
@@ -190,6 +193,39 @@ def test_sigkill_mid_erm_resumes_from_the_last_checkpoint(stack, client, dataset
     assert json.loads(artifact(client, job_id, "metrics.json")) == reference["metrics"]
     assert artifact(client, job_id, "model.safetensors") == reference["weights"]
     print(f"\nresumed from ERM epoch {resumed[0]} (killed after epoch {killed_at} was reported); attempts {job['attempts']}")
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["sqlite-filesystem", "postgresql-redis"])
+def test_a_worker_child_killed_mid_erm_runs_again_within_60_s_with_the_default_settings(tmp_path, tiny_digits, embedded):
+    """The OOM killer's SIGKILL of the pool process, its worker living on, with the default heartbeat and
+    reconciler settings (this test's own stack): the job runs again under a new attempt within 60 s and
+    finishes from its last stored epoch."""
+    stack = Stack(tmp_path, embedded=embedded, OMP_NUM_THREADS="1")
+    try:
+        stack.start_api()
+        stack.start_worker("beat", queues=[stack.queues[1]], beat=True)
+        worker = start_worker(stack, "oom-victim")
+        with stack.client(stack.create_key("acme")) as client:
+            job_id = submit(client, upload_dataset(client, zip_dir(tiny_digits)), SHORT_SLOW_JOB)
+            wait_erm_epoch(client, job_id)
+            [child] = pool_children(worker.pid)
+            os.kill(child, signal.SIGKILL)
+            killed = time.monotonic()
+            wait_job(client, job_id, lambda j: j["attempts"] == 2 and j["status"] == "running", 60, "attempt 2 within 60 s")
+            ran_again = time.monotonic() - killed
+            job = finished(client, job_id)
+            done = time.monotonic() - killed
+            assert job["status"] == "succeeded", (job, stack.log_tail("oom-victim"))
+            assert_ran_once(client, job_id, attempts=2)
+            log = events(client, job_id)
+    finally:
+        stack.close()
+    takeover = next(i for i, e in enumerate(log) if (e["data"] or {}).get("attempt") == 2)
+    killed_at = max(e["data"]["epoch"] for e in log[:takeover] if e["kind"] == "epoch" and e["data"]["phase"] == "erm")
+    resumed = [e["data"]["resumed_from_epoch"] for e in log if "resumed_from_epoch" in (e["data"] or {})]
+    assert killed_at < 3 and resumed and resumed[0] >= 1, log
+    print(f"\nkilled after ERM epoch {killed_at}: running again after {ran_again:.1f} s, resumed from epoch "
+          f"{resumed[0]}, succeeded after {done:.1f} s")
 
 
 def test_a_worker_presumed_dead_that_comes_back_cannot_overwrite_its_successor(stack, client, dataset, reference, workers):
@@ -408,7 +444,7 @@ def test_claim_rules_on_sqlite(tmp_path):
     from sqlalchemy import select, update
 
     from jobstore.db import migrate, session_scope
-    from jobstore.jobs import claim_job, recover_lost, update_job
+    from jobstore.jobs import claim_job, fresh_claim, recover_lost, update_job
     from jobstore.models import Dataset, Job, JobEvent, Tenant, utcnow
 
     url = f"sqlite:///{tmp_path / 'claims.db'}"
@@ -432,11 +468,14 @@ def test_claim_rules_on_sqlite(tmp_path):
     with session_scope(url) as s:
         assert claim_job(s, "job_a", "first", **rules) == "claimed"
         assert claim_job(s, "job_a", "duplicate", **rules) == "busy"  # a second delivery; the owner is alive
+        holder, stale_in = fresh_claim(s, "job_a", rules["heartbeat_timeout_s"])  # ...so it comes back when that is stale
+        assert holder == "first" and 55 < stale_in <= 60
         assert not update_job(s, "job_a", "duplicate", progress=0.5)
         assert update_job(s, "job_a", "first", progress=0.5)
         assert recover_lost(s, "job_a", **rules) is None
     stale("job_a")
     with session_scope(url) as s:
+        assert fresh_claim(s, "job_a", rules["heartbeat_timeout_s"]) is None
         assert claim_job(s, "job_a", "second", **rules) == "claimed"  # a redelivery takes over from a vanished worker
         assert not update_job(s, "job_a", "first", status="succeeded")  # the old owner, back, writes nothing
         assert row(s, "job_a").attempts == 2

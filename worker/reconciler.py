@@ -10,8 +10,8 @@ pass, with conditional updates only (two passes at once cannot double anything):
    queued jobs lost their message (a Redis restart, a crash between the API's commit
    and its send): the oldest are re-sent. A message waiting behind long jobs is not
    lost, and a duplicate is harmless anyway: only one delivery can claim the job.
-3. uploads validating for longer than ``heartbeat_timeout_s``: validation re-sent
-   (validating twice gives the same answer).
+3. uploads validating whose heartbeat is older than ``heartbeat_timeout_s`` (a lost
+   message or worker): validation re-sent (validating twice gives the same answer).
 4. jobs finished more than ``work_retention_s`` ago lose their work area
    ``jobs/{id}/work/`` (checkpoints, stage outputs); artifacts stay.
 """

@@ -6,7 +6,6 @@ import logging
 import random
 import secrets
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,7 @@ from sqlalchemy import select, update
 from jobspec import JobConfig
 from jobstore.blobs import BlobStore
 from jobstore.db import session_scope
-from jobstore.jobs import add_event, claim_job, update_job
+from jobstore.jobs import add_event, claim_job, fresh_claim, update_job
 from jobstore.models import Artifact, Dataset, Job, Model, utcnow
 from jobstore.settings import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE_MODEL, Settings, get_settings
 from masktune_core import JobCancelled, MaskTuneError, MaskTuneRun, ProgressEvent, create_model, load_weights
@@ -30,6 +29,7 @@ from masktune_core.models import resolve_input_size, saliency_target_name
 
 from .celery_app import app
 from .dataset_cache import DatasetCache, prune
+from .heartbeat import Heartbeat
 from .sources import UrlListing, fetch_all, list_url, stand_in_tree
 from .workspace import Workspace
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 VALIDATION_SIZE = 32  # decoding at a small size proves an image is readable without the full cost
 URL_SAMPLE_IMAGES = 64  # images of a URL dataset fetched and decoded by validation
+STALE_CLAIM_MARGIN_S = 1.0  # a delivery that waits for a claim to go stale comes back this long after it did
 
 
 def _blobs(settings: Settings) -> BlobStore:
@@ -51,7 +52,11 @@ def _by_id(session, table, public_id: str):
 
 
 def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict]) -> None:
-    """``check(scratch folder, row fields)``: ready (plus the fields check returns) or invalid with the reason."""
+    """``check(scratch folder, row fields)``: ready (plus the fields check returns) or invalid with the reason.
+
+    While it runs, a heartbeat keeps the row's updated_at fresh: the reconciler re-sends only
+    validations whose heartbeat stopped (a lost message or worker), however long a large one takes.
+    """
     settings = get_settings()
     with session_scope(settings.database_url) as session:
         row = _by_id(session, table, upload_id)
@@ -59,7 +64,14 @@ def _validate_upload(table, upload_id: str, check: Callable[[Path, dict], dict])
             return  # deleted meanwhile, or a duplicate delivery
         fields = {column.key: getattr(row, column.key) for column in table.__table__.columns}
     values: dict = {"status": "ready", "error": None}
-    with tempfile.TemporaryDirectory(dir=_scratch(settings)) as tmp:
+
+    def beat() -> bool:
+        with session_scope(settings.database_url) as session:
+            return session.execute(update(table).where(table.id == upload_id, table.status == "validating")
+                                   .values(updated_at=utcnow())).rowcount == 1
+
+    with Heartbeat(f"{table.__tablename__} {upload_id}", settings.heartbeat_interval_s, beat), \
+            tempfile.TemporaryDirectory(dir=_scratch(settings)) as tmp:
         try:
             values.update(check(Path(tmp), fields))
         except MaskTuneError as exc:
@@ -163,7 +175,7 @@ class Claim:
     Every write of the attempt goes through ``write``, which names the claim token; once
     a write finds the row claimed by another attempt (the reconciler presumed this one
     dead), finished or deleted, ``lost`` turns true and the attempt stops writing. A
-    thread keeps the heartbeat fresh however long a batch, a download or an upload takes.
+    Heartbeat thread keeps the claim fresh however long a batch, a download or an upload takes.
     """
 
     def __init__(self, settings: Settings, job_id: str, token: str):
@@ -171,9 +183,7 @@ class Claim:
         self.job_id = job_id
         self.token = token
         self.lost = False
-        self.interval = min(settings.heartbeat_timeout_s / 4, 30.0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat_until_stopped, name=f"heartbeat-{job_id}", daemon=True)
+        self._heartbeat = Heartbeat(f"job {job_id}", settings.heartbeat_interval_s, self.beat)
 
     def write(self, session, **fields) -> bool:
         """Update the job row (and the heartbeat) if this attempt still owns it; False once it does not."""
@@ -186,20 +196,12 @@ class Claim:
         with session_scope(self.settings.database_url) as session:
             return self.write(session)
 
-    def _beat_until_stopped(self) -> None:
-        while not self._stop.wait(self.interval) and not self.lost:
-            try:
-                self.beat()
-            except Exception:  # the database may be briefly away; the next beat tries again
-                log.exception("job %s: heartbeat failed", self.job_id)
-
     def __enter__(self) -> Claim:
-        self._thread.start()
+        self._heartbeat.__enter__()
         return self
 
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join()
+    def __exit__(self, *exc) -> None:
+        self._heartbeat.__exit__(*exc)
 
 
 class JobReporter:
@@ -252,16 +254,30 @@ def _finish(settings: Settings, claim: Claim, status: str, message: str, artifac
             add_event(session, claim.job_id, "status", message, data={"status": status})
 
 
-@app.task(name=TASK_RUN_JOB)
-def run_job(job_id: str) -> None:
-    """Claim the job, then run it; a delivery that cannot claim it (a duplicate) is acknowledged and dropped."""
+# Retries are bounded by waited_for (one per attempt that holds the job), not by a count.
+@app.task(name=TASK_RUN_JOB, bind=True, max_retries=None)
+def run_job(self, job_id: str, waited_for: str | None = None) -> None:
+    """Claim the job, then run it.
+
+    A worker killed mid-job (the OOM killer) gets its message back at once, while its claim still
+    looks fresh. So a delivery that finds another attempt holding a fresh claim comes back (a Celery
+    retry) just after that claim goes stale unless it beats, naming the attempt it waited for
+    (``waited_for``); finding that same attempt still beating then means it is alive, and the
+    delivery is a duplicate. Duplicates and deliveries of finished or deleted jobs are dropped.
+    """
     settings = get_settings()
     token = secrets.token_hex(16)
     with session_scope(settings.database_url) as session:
         outcome = claim_job(session, job_id, token, heartbeat_timeout_s=settings.heartbeat_timeout_s,
                             max_attempts=settings.max_attempts)
+        holder = fresh_claim(session, job_id, settings.heartbeat_timeout_s) if outcome == "busy" else None
     if outcome == "exhausted":
         log.warning("job %s failed: too many attempts (max %d)", job_id, settings.max_attempts)
+    elif holder is not None and holder.token != waited_for:
+        countdown = holder.stale_in_s + STALE_CLAIM_MARGIN_S
+        log.info("job %s: claim %s is fresh; this delivery comes back in %.1f s, when it is stale unless its worker lives",
+                 job_id, holder.token, countdown)
+        raise self.retry(kwargs={"waited_for": holder.token}, countdown=countdown)
     elif outcome == "busy":
         log.info("job %s is not claimable (finished, deleted, or another worker holds it); dropping this delivery", job_id)
     else:
