@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Address the API binds (python -m api, the embedded start).")
     api_port: int = Field(8000, description="Port the API binds (python -m api, the embedded start).")
     api_workers: int = Field(1, ge=1, description="API processes python -m api runs (uvicorn workers): about one per core.")
+    events_poll_interval_s: float = Field(1.0, gt=0, description="How often an event stream (GET /v1/jobs/{id}/events as text/event-stream) reads new events.")
+    events_keepalive_s: float = Field(15.0, gt=0, description="An event stream sends a keep-alive comment this often, so proxies and clients keep it open.")
 
     @field_validator("dataset_url_prefixes")
     @classmethod
