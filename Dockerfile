@@ -10,10 +10,12 @@ COPY jobstore jobstore
 FROM base AS api
 COPY api api
 RUN pip install '.[api,s3]'
+ENV MASKTUNE_API_HOST=0.0.0.0 MASKTUNE_API_PORT=8000
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=5 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
-CMD ["uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "8000"]
+# Migrations once, then uvicorn with MASKTUNE_API_WORKERS processes.
+CMD ["python", "-m", "api"]
 
 FROM base AS worker
 COPY masktune_core masktune_core

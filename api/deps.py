@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Annotated, Any, Iterator, TypeVar
+from typing import Annotated, Any, AsyncIterator, Callable, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from jobstore.blobs import BlobStore
-from jobstore.db import session_scope
+from jobstore.db import new_session
 from jobstore.jobs import STATUSES, TERMINAL
 from jobstore.models import Artifact, Dataset, Job, Model, Tenant
 from jobstore.settings import Settings, get_settings
@@ -26,13 +28,71 @@ from jobstore.tenants import tenant_for_key
 
 from .errors import ProblemError
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+T = TypeVar("T")
+
+# The dependencies below that do no I/O are async: FastAPI calls a sync dependency in a worker
+# thread, and on the polling routes those trips cost more CPU than the database reads.
+async def current_settings() -> Settings:
+    return get_settings()
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """One session per request, committed when the route returns (rolled back if it raises)."""
-    with session_scope(settings.database_url) as session:
+SettingsDep = Annotated[Settings, Depends(current_settings)]
+
+
+def _end_session(session: Session, commit: bool) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    finally:
+        session.close()
+
+
+# Threads of their own for ending sessions: a request that holds a connection must never wait
+# behind requests whose threads wait for a connection (with a shared pool of threads, more
+# requests in flight than threads plus connections would wait on each other until the pool's
+# timeout).
+_SESSION_END_THREADS = anyio.CapacityLimiter(16)
+
+
+async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """One session per request, committed when the route returns (rolled back if it raises).
+
+    Opening it does no I/O (it connects on its first query, in the route's thread). Ending it
+    takes a trip to a thread unless the route already ended its transaction (:func:`in_thread`).
+    """
+    session = new_session(settings.database_url)
+    try:
         yield session
+    except BaseException:
+        with anyio.CancelScope(shield=True):  # a cancelled request still returns its connection
+            await anyio.to_thread.run_sync(_end_session, session, False, limiter=_SESSION_END_THREADS)
+        raise
+    if session.in_transaction() or session.new or session.dirty or session.deleted:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_end_session, session, True, limiter=_SESSION_END_THREADS)
+    else:
+        session.close()  # holds no connection: nothing to send
+
+
+async def in_thread(session: Session, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` (a route's queries) in a worker thread, ending the session's transaction there.
+
+    For async routes: one trip to a thread for the request's database work, and the connection
+    is back in the pool before the response is serialised on the event loop. (A sync route's
+    response is serialised in yet another thread, while its session still holds the connection.)
+    """
+    def run() -> T:
+        try:
+            result = work(*args)
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()
+        return result
+
+    return await anyio.to_thread.run_sync(run)
 
 
 # scope="function": commit before the response is sent, so a client that got 201 can read its object.
@@ -44,7 +104,7 @@ def _blob_store(url: str) -> BlobStore:
     return BlobStore(url)
 
 
-def get_blobs(settings: SettingsDep) -> BlobStore:
+async def get_blobs(settings: SettingsDep) -> BlobStore:
     return _blob_store(settings.blob_url)
 
 
@@ -58,16 +118,25 @@ def unauthorized(detail: str) -> ProblemError:
     return ProblemError(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def current_tenant(session: SessionDep,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+ApiKeyDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> str:
     """The id of the tenant whose live API key authenticates the request, else 401."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
     tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
         raise unauthorized("The API key is invalid or revoked.")
-    # Commit last_used_at now: holding that row lock for the whole request (a long upload)
-    # would serialise every other request made with the same key.
+    return tenant
+
+
+def current_tenant(session: SessionDep, credentials: ApiKeyDep) -> str:
+    """:func:`authenticate` as a dependency (in its own thread). The polling routes authenticate in
+    their one trip to a thread instead (:func:`in_thread`): ApiKeyDep, then ``authenticate``."""
+    tenant = authenticate(session, credentials)
+    # End the read here, in this dependency's thread: it returns the connection, so a request
+    # never holds one while it waits for a thread (see get_session).
     session.commit()
     return tenant
 

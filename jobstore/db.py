@@ -44,10 +44,15 @@ def _session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
+def new_session(url: str) -> Session:
+    """A session on the URL's engine (created once per process); it connects on its first query."""
+    return _session_factory(url)()
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session committed on success and rolled back on error."""
-    session = _session_factory(url)()
+    session = new_session(url)
     try:
         yield session
         session.commit()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -111,8 +111,10 @@ class Job(Base):
 
 class JobEvent(Base):
     __tablename__ = "job_events"
+    # Events are read per job in seq order (a cursor): one index answers that.
+    __table_args__ = (Index("ix_job_events_job_id_seq", "job_id", "seq"),)
     seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(20))  # stage | epoch | warning | status | info
     stage: Mapped[str | None] = mapped_column(String(20), default=None)
     message: Mapped[str] = mapped_column(Text, default="")

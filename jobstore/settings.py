@@ -49,8 +49,11 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(30.0, gt=0, description="How often the reconciler requeues lost jobs and expires old work areas.")
     work_retention_s: float = Field(7 * 24 * 3600, gt=0, description="Work areas (checkpoints, stage outputs) of finished jobs are deleted after this long; artifacts stay.")
     report_catalog: bool = Field(True, description="Workers write their architectures and cached pretrained weights to the database when they start (GET /v1/architectures).")
-    api_host: str = Field("127.0.0.1", description="Address the embedded start binds.")
-    api_port: int = Field(8000, description="Port the embedded start binds.")
+    api_host: str = Field("127.0.0.1", description="Address the API binds (python -m api, the embedded start).")
+    api_port: int = Field(8000, description="Port the API binds (python -m api, the embedded start).")
+    api_workers: int = Field(1, ge=1, description="API processes python -m api runs (uvicorn workers): about one per core.")
+    events_poll_interval_s: float = Field(1.0, gt=0, description="How often an event stream (GET /v1/jobs/{id}/events as text/event-stream) reads new events.")
+    events_keepalive_s: float = Field(15.0, gt=0, description="An event stream sends a keep-alive comment this often, so proxies and clients keep it open.")
 
     @field_validator("dataset_url_prefixes")
     @classmethod

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from .ids import new_id
@@ -29,12 +30,30 @@ def create_key(session: Session, tenant_name: str) -> tuple[str, str]:
     return key.id, secret
 
 
+# last_used_at is a coarse "is this key still in use" mark: writing it on every request would turn
+# each authenticated read into a write (and serialise a key's requests on its row lock).
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
 def tenant_for_key(session: Session, secret: str) -> str | None:
-    """The tenant id of a live key (recording its use), else None."""
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None)))
+    """The tenant id of a live key, else None: one indexed read, so a revoked key is refused at once.
+
+    The key's use is recorded only when its ``last_used_at`` is older than LAST_USED_RESOLUTION,
+    by a conditional UPDATE (concurrent requests of one key write it once), committed at once: it
+    stands whatever the request does next, and the key's row lock is not held for the request.
+    """
+    key = session.execute(select(ApiKey.id, ApiKey.tenant_id, ApiKey.last_used_at).where(
+        ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))).first()
     if key is None:
         return None
-    key.last_used_at = utcnow()
+    now = utcnow()
+    used = key.last_used_at
+    if used is not None and used.tzinfo is None:  # SQLite keeps no zone; it holds UTC
+        used = used.replace(tzinfo=timezone.utc)
+    if used is None or used < now - LAST_USED_RESOLUTION:
+        stale = or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - LAST_USED_RESOLUTION)
+        session.execute(update(ApiKey).where(ApiKey.id == key.id, stale).values(last_used_at=now))
+        session.commit()
     return key.tenant_id
 
 

@@ -45,7 +45,9 @@ def main() -> int:
         subprocess.Popen([*celery, "-Q", settings.validation_queue, "-n", "validation@%h", "-B"],
                          stdout=open(settings.data_dir / "validation-worker.log", "ab"), stderr=subprocess.STDOUT),
     ]
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:app", "--host", settings.api_host, "--port", str(settings.api_port)])
+    # MASKTUNE_API_WORKERS processes, as in production: SQLite serves several processes on one
+    # machine (WAL, busy timeout), as it already serves the API and the workers.
+    api = subprocess.Popen([sys.executable, "-m", "api"])
     url = f"http://{settings.api_host}:{settings.api_port}"
     print(f"""
 MaskTune Service at {url}  (docs: {url}/docs)

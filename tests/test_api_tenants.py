@@ -145,7 +145,7 @@ def test_keys_are_stored_hashed(stack):
         assert client.get("/v1/jobs").status_code == 200
 
 
-def test_revoked_key_gets_401_and_last_used_at_is_recorded(stack):
+def test_revoked_key_gets_401_and_last_used_at_is_recorded_once_a_minute(stack):
     created = manage(stack, "create-key", "--tenant", "revocable")
     assert sql(stack, "SELECT last_used_at FROM api_keys WHERE id=%s", created["key_id"]) == [(None,)]
     before = datetime.now(timezone.utc) - timedelta(seconds=5)
@@ -153,6 +153,13 @@ def test_revoked_key_gets_401_and_last_used_at_is_recorded(stack):
         assert client.get("/v1/datasets").status_code == 200
         [(used,)] = sql(stack, "SELECT last_used_at FROM api_keys WHERE id=%s", created["key_id"])
         assert used is not None and used >= before
+        # Recorded at most once a minute: requests are reads, not writes.
+        assert client.get("/v1/jobs/job_x").status_code == 404
+        assert sql(stack, "SELECT last_used_at FROM api_keys WHERE id=%s", created["key_id"]) == [(used,)]
+        sql(stack, "UPDATE api_keys SET last_used_at = now() - interval '61 seconds' WHERE id=%s", created["key_id"])
+        assert client.get("/v1/jobs/job_x").status_code == 404  # the polling routes record it too
+        [(used,)] = sql(stack, "SELECT last_used_at FROM api_keys WHERE id=%s", created["key_id"])
+        assert used >= before
         assert manage(stack, "revoke-key", created["key_id"])["revoked"] is True
         for method, path in (("GET", "/v1/datasets"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/job_x")):
             r = client.request(method, path)

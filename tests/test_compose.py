@@ -94,3 +94,18 @@ def test_exactly_one_beat_sends_the_reconciler():
     assert beat["deploy"]["replicas"] == 1 and "devices" not in str(beat["deploy"])
     assert "masktune.validation" in beat["command"]  # the queue the reconciler is routed to
     assert any(v.startswith("blobs:") for v in beat["volumes"])  # it expires work areas in blob storage
+
+
+def test_api_runs_several_processes_as_documented():
+    services = compose()["services"]
+    api = services["api"]
+    assert api["command"] == ["python", "-m", "api"]  # migrations once, then uvicorn with MASKTUNE_API_WORKERS
+    env = api["environment"]
+    settings = Settings(**{k[len("MASKTUNE_"):].lower(): v for k, v in env.items()})
+    assert settings.api_workers >= 2 and settings.api_host == "0.0.0.0"
+    assert f"{settings.api_port}:{settings.api_port}" in api["ports"]
+    for name in ("worker", "beat"):  # the API's settings stay the API's
+        assert not {k for k in services[name]["environment"] if k.startswith("MASKTUNE_API_")}
+    stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    image = next(s for s in stages if s.split()[2:3] == ["api"])
+    assert 'CMD ["python", "-m", "api"]' in image and "MASKTUNE_API_HOST=0.0.0.0" in image

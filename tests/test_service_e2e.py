@@ -60,6 +60,27 @@ def run_job(client: httpx.Client, body: dict, status: set[str] = frozenset({"suc
     return wait_for(client, f"/v1/jobs/{response.json()['id']}", lambda j: j["status"] in status)
 
 
+def follow_events(client: httpx.Client, job_id: str, last_event_id: int | None = None) -> tuple[list[dict], int]:
+    """A job's event stream (Server-Sent Events) read to its end: the events as
+    {id, event, data} and the number of comment (keep-alive) lines."""
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    events, comments, fields = [], 0, {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=180) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                comments += 1
+            elif line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+            elif fields:  # a blank line ends an event
+                events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
+                fields = {}
+    return events, comments
+
+
 def accuracy_of_weights(weights: bytes, dataset_dir: Path, tmp_path: Path) -> float:
     path = tmp_path / "model.safetensors"
     path.write_bytes(weights)
@@ -71,7 +92,9 @@ def accuracy_of_weights(weights: bytes, dataset_dir: Path, tmp_path: Path) -> fl
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with running(tmp_path_factory.mktemp("stack"), worker=True) as stack:
+    # Event streams read every 0.2 s and send a keep-alive each second, so a short job shows both.
+    with running(tmp_path_factory.mktemp("stack"), worker=True, MASKTUNE_EVENTS_POLL_INTERVAL_S="0.2",
+                 MASKTUNE_EVENTS_KEEPALIVE_S="1") as stack:
         yield stack
 
 
@@ -124,6 +147,24 @@ def test_upload_job_poll_download(stack, client, dataset, tiny_digits, tmp_path)
     assert again["metrics"]["erm"]["test"] == job["metrics"]["erm"]["test"]
 
 
+def test_event_stream_follows_a_job_to_its_end_and_resumes(client, dataset):
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **SMALL_JOB}).json()
+    assert job["status"] == "queued"
+    streamed, keepalives = follow_events(client, job["id"])
+    # Every event once, in order, as the listing has them; the stream ends after the final status event.
+    listed = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    assert [e["data"] for e in streamed] == listed
+    assert [(e["id"], e["event"]) for e in streamed] == [(e["id"], e["kind"]) for e in listed]
+    assert streamed[-1]["event"] == "status" and streamed[-1]["data"]["data"]["status"] == "succeeded"
+    assert [e["data"]["stage"] for e in streamed if e["event"] == "stage"] == STAGES
+    assert keepalives >= 1  # the job ran for seconds; MASKTUNE_EVENTS_KEEPALIVE_S is 1 here
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+    # A reconnecting client sends the last id it saw (Last-Event-ID) and gets only the later events.
+    resumed, _ = follow_events(client, job["id"], last_event_id=streamed[4]["id"])
+    assert resumed == streamed[5:]
+    assert follow_events(client, job["id"], last_event_id=streamed[-1]["id"])[0] == []
+
+
 def test_cancel_a_running_job_then_the_worker_takes_the_next(client, dataset):
     long = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **SMALL_JOB, "erm": {"epochs": 500, "batch_size": 16}}).json()
     wait_for(client, f"/v1/jobs/{long['id']}", lambda j: j["status"] == "running" and j["stage"] == "erm", 60)
@@ -161,6 +202,8 @@ def test_other_tenants_see_nothing(stack, client, dataset):
             response = globex.get(url)
             assert response.status_code == 404, url
             assert response.json()["code"] == "not_found"
+        streamed = globex.get(f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"})
+        assert streamed.status_code == 404 and streamed.json()["code"] == "not_found"
         assert globex.post("/v1/jobs", json={"dataset_id": dataset["id"]}).status_code == 404
         assert globex.get("/v1/jobs").json()["data"] == []
     wait_for(client, f"/v1/jobs/{job['id']}", lambda j: j["status"] == "succeeded")
@@ -190,7 +233,12 @@ def test_embedded_defaults_run_the_same_flow(tiny_digits, tmp_path):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}, timeout=30) as client:
             dataset = upload_dataset(client, zip_dir(tiny_digits))
             assert dataset["status"] == "ready", dataset
-            job = run_job(client, {"dataset_id": dataset["id"], **SMALL_JOB})
+            # Followed by its event stream (on SQLite here) instead of polling.
+            job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **SMALL_JOB}).json()
+            streamed, _ = follow_events(client, job["id"])
+            assert [e["id"] for e in streamed] == sorted({e["id"] for e in streamed})
+            assert streamed[-1]["event"] == "status" and streamed[-1]["data"]["data"]["status"] == "succeeded"
+            job = client.get(f"/v1/jobs/{job['id']}").json()
             assert job["status"] == "succeeded", (job, (tmp_path / "svc/worker.log").read_text()[-3000:])
             ready = client.get("/readyz").json()
             assert {k: ready[k] for k in ("database", "broker", "storage")} == {"database": "ok", "broker": "ok", "storage": "ok"}

@@ -6,24 +6,29 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated, Literal
+from typing import Annotated, AsyncIterator, Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from jobspec import is_architecture_name
 from jobstore import models as tables
+from jobstore.db import session_scope
 from jobstore.ids import new_id
 from jobstore.jobs import STATUSES, TERMINAL, add_event, update_job
 from jobstore.models import utcnow
-from jobstore.settings import TASK_RUN_JOB
+from jobstore.settings import TASK_RUN_JOB, Settings
+from jobstore.tenants import tenant_for_key
 
 from .. import schemas
-from ..deps import (RETRY_AFTER_S, BlobsDep, SessionDep, SettingsDep, TenantDep, check_job_slots, find_owned,
-                    get_owned, lock_tenant, page_owned)
+from ..deps import (RETRY_AFTER_S, ApiKeyDep, BlobsDep, SessionDep, SettingsDep, TenantDep, authenticate,
+                    check_job_slots, find_owned, get_owned, in_thread, lock_tenant, page_owned)
 from ..errors import ProblemError, problems, validation_problem
 from .architectures import pretrained_reported_missing
 from ..queue import send_task
@@ -167,9 +172,13 @@ def list_jobs(session: SessionDep, tenant: TenantDep,
     return schemas.JobList(data=[schemas.Job.of(r) for r in rows], next_cursor=cursor)
 
 
+# The polling routes are async: authentication and their queries in one trip to a thread (deps.in_thread).
 @router.get("/{job_id}", response_model=schemas.Job, summary="Get a job", responses=problems(401, 404))
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.Job:
-    return schemas.Job.of(get_owned(session, tables.Job, job_id, tenant))
+async def get_job(job_id: str, session: SessionDep, key: ApiKeyDep) -> schemas.Job:
+    def read() -> schemas.Job:
+        return schemas.Job.of(get_owned(session, tables.Job, job_id, authenticate(session, key)))
+
+    return await in_thread(session, read)
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, summary="Delete a finished job",
@@ -213,18 +222,92 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.J
     return schemas.Job.of(job)
 
 
-@router.get("/{job_id}/events", response_model=schemas.EventList, summary="A job's events, oldest first",
-            responses=problems(401, 404, 422))
-def list_events(job_id: str, session: SessionDep, tenant: TenantDep,
-                after: Annotated[int | None, Query(ge=0, le=2**63 - 1,
-                                                   description="Only events after this id (a next_cursor).")] = None,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> schemas.EventList:
-    job = get_owned(session, tables.Job, job_id, tenant)
-    query = select(tables.JobEvent).where(tables.JobEvent.job_id == job.id)
+EVENT_STREAM = "text/event-stream"
+_STREAM_BATCH = 500
+
+
+def _events_after(session: Session, job_id: str, after: int | None, limit: int) -> list[schemas.Event]:
+    query = select(tables.JobEvent).where(tables.JobEvent.job_id == job_id)
     if after is not None:
         query = query.where(tables.JobEvent.seq > after)
-    rows = list(session.scalars(query.order_by(tables.JobEvent.seq).limit(limit)))
-    return schemas.EventList(data=[schemas.Event.of(r) for r in rows], next_cursor=rows[-1].seq if rows else None)
+    return [schemas.Event.of(r) for r in session.scalars(query.order_by(tables.JobEvent.seq).limit(limit))]
+
+
+def _stream_start(request: Request, after: int | None) -> int:
+    """Where a stream starts: after the Last-Event-ID a reconnecting client sends, else after ?after=."""
+    last = request.headers.get("last-event-id")
+    if last is None:
+        return after or 0
+    if not last.isdigit() or int(last) > 2**63 - 1:
+        raise validation_problem([{"loc": ["header", "Last-Event-ID"], "type": "int_parsing",
+                                   "msg": "Last-Event-ID must be the id of an event (a non-negative integer)."}])
+    return int(last)
+
+
+def _stream_poll(database_url: str, key: str, tenant: str, job_id: str, after: int) -> tuple[str | None, list[schemas.Event]]:
+    """One short session: the job's status (None: gone, or the key no longer lives), then the events after ``after``.
+
+    The status is read first: a terminal status is committed with its status event, so when the
+    status read is terminal, the events read after it include the last one.
+    """
+    with session_scope(database_url) as session:
+        if tenant_for_key(session, key) != tenant:
+            return None, []
+        status = session.scalar(select(tables.Job.status).where(tables.Job.id == job_id))
+        return status, _events_after(session, job_id, after, _STREAM_BATCH) if status is not None else []
+
+
+async def _event_stream(settings: Settings, key: str, tenant: str, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    """The job's events from ``after`` on, read every MASKTUNE_EVENTS_POLL_INTERVAL_S with a fresh
+    short session (no connection is held between reads), until the job is terminal and every event is sent."""
+    while True:
+        status, events = await anyio.to_thread.run_sync(_stream_poll, settings.database_url, key, tenant, job_id, after)
+        for event in events:
+            yield ServerSentEvent(data=event.model_dump_json(), event=event.kind, id=str(event.id))
+            after = event.id
+        if len(events) == _STREAM_BATCH:
+            continue  # more are waiting
+        if status is None or status in TERMINAL:
+            return
+        await anyio.sleep(settings.events_poll_interval_s)
+
+
+@router.get("/{job_id}/events", response_model=schemas.EventList, summary="A job's events, oldest first",
+            responses={200: {"description": "A page of events (JSON), or with `Accept: text/event-stream` the events "
+                                            "as they happen (Server-Sent Events).",
+                             "content": {EVENT_STREAM: {"schema": {"type": "string"}}}},
+                       **problems(401, 404, 422)})
+async def list_events(job_id: str, request: Request, session: SessionDep, key: ApiKeyDep, settings: SettingsDep,
+                      after: Annotated[int | None, Query(ge=0, le=2**63 - 1,
+                                                         description="Only events after this id (a next_cursor).")] = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> schemas.EventList | EventSourceResponse:
+    """Events: status changes, stage changes, per-epoch metrics, warnings. Poll with `?after=` the
+    `next_cursor` of the previous page.
+
+    With `Accept: text/event-stream` the answer is a stream of Server-Sent Events instead: each
+    event's `id:` is its id, `event:` its kind and `data:` its JSON as in the page above; a
+    comment line every `MASKTUNE_EVENTS_KEEPALIVE_S` keeps the connection open, and the stream
+    ends once the job is succeeded, failed or cancelled and its last event is sent. It starts
+    after `?after=`, or after the `Last-Event-ID` header that a reconnecting EventSource sends,
+    so a resumed stream repeats and misses nothing (`limit` does not apply). The stream of a key
+    revoked meanwhile ends at its next read."""
+    def check() -> str:
+        tenant = authenticate(session, key)
+        get_owned(session, tables.Job, job_id, tenant)
+        return tenant
+
+    if EVENT_STREAM in request.headers.get("accept", ""):
+        tenant = await in_thread(session, check)
+        start = _stream_start(request, after)
+        return EventSourceResponse(_event_stream(settings, key.credentials, tenant, job_id, start),
+                                   ping=settings.events_keepalive_s)
+
+    def page() -> schemas.EventList:
+        check()
+        rows = _events_after(session, job_id, after, limit)
+        return schemas.EventList(data=rows, next_cursor=rows[-1].id if rows else None)
+
+    return await in_thread(session, page)
 
 
 @router.get("/{job_id}/artifacts", response_model=schemas.ArtifactList, summary="A job's artifacts",
