@@ -3,8 +3,8 @@
 #
 #   bash bench/gpu_check.sh                 # CUDA; with OUT set, the table also goes to $OUT/gpu_check.md
 #   bash bench/gpu_check.sh --smoke         # the same code on the CPU at toy sizes, in well under a minute (CI)
-#   bash bench/gpu_check.sh --fetch-wheels  # here, where PyPI answers: put into .whl/ the wheels that the GPU
-#                                           # machine's python3 lacks (pydantic, grad-cam, ...), git-ignored
+#   bash bench/gpu_check.sh --fetch-wheels  # here, where PyPI answers: put into .whl/ (git-ignored, about 3 MB)
+#                                           # the wheels a GPU image's python3 lacks (pydantic, grad-cam, ...)
 #
 # The GPU machine reaches no network: the script runs with .venv/bin/python when that works, else with
 # python3 or python; a python that lacks some of the project's modules gets them from .whl/ (installed
@@ -25,14 +25,13 @@ missing() {  # the modules of $MODULES that the python $1 cannot find (without i
 }
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
-  PY="$ROOT/.venv/bin/python"
+  PY="${GPU_CHECK_PYTHON:-$ROOT/.venv/bin/python}"  # the environment whose versions the wheels repeat
   pins=$("$PY" -c 'import sys; from importlib.metadata import version; print(" ".join(f"{n}=={version(n)}" for n in sys.argv[1:]))' $WHEELS)
   mkdir -p .whl
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
   # grad-cam is pure Python: its wheel fits every interpreter
   "$PY" -m pip wheel --no-deps --no-build-isolation -w .whl "grad-cam==$("$PY" -c 'from importlib.metadata import version; print(version("grad-cam"))')"
-  exclude="$(git rev-parse --git-common-dir 2>/dev/null)/info/exclude" && { grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"; } || true
   ls -l .whl
   exit 0
 fi
@@ -64,7 +63,7 @@ echo "## machine"
 echo "python: $(command -v "$PY")"
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw,power.limit,clocks.sm,clocks.max.sm,mig.mode.current \
-    --format=csv || true
+    --format=csv || nvidia-smi || true
 else
   echo "nvidia-smi: not found on this machine"
 fi
