@@ -440,9 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     command = shlex.join(["python", "bench/speed.py", *(argv if argv is not None else sys.argv[1:])])
     text = render(results, args, command, (load_before, os.getloadavg()[0]), time.perf_counter() - start)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":
