@@ -30,8 +30,9 @@ from .errors import ProblemError
 
 T = TypeVar("T")
 
-# The dependencies below that do no I/O are async: FastAPI calls a sync dependency in a worker
-# thread, and on the polling routes those trips cost more CPU than the database reads.
+
+# Dependencies that do no I/O are async: FastAPI calls a sync dependency in a worker thread, and
+# on the polling routes those trips cost more CPU than the database reads.
 async def current_settings() -> Settings:
     return get_settings()
 
@@ -49,10 +50,8 @@ def _end_session(session: Session, commit: bool) -> None:
         session.close()
 
 
-# Threads of their own for ending sessions: a request that holds a connection must never wait
-# behind requests whose threads wait for a connection (with a shared pool of threads, more
-# requests in flight than threads plus connections would wait on each other until the pool's
-# timeout).
+# Sessions end on threads of their own: a request holding a connection must not wait for a
+# thread behind requests whose threads wait for a connection (a deadlock until the pool's timeout).
 _SESSION_END_THREADS = anyio.CapacityLimiter(16)
 
 
@@ -76,6 +75,10 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
         session.close()  # holds no connection: nothing to send
 
 
+# scope="function": commit before the response is sent, so a client that got 201 can read its object.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
 async def read_in_thread(session: Session, read: Callable[[], T]) -> T:
     """``read()``, a route's queries, in one trip to a worker thread, each statement committing on
     its own (db.autocommit: reads need no transaction; a recorded key use commits at once anyway).
@@ -95,10 +98,6 @@ async def read_in_thread(session: Session, read: Callable[[], T]) -> T:
         return result
 
     return await anyio.to_thread.run_sync(run)
-
-
-# scope="function": commit before the response is sent, so a client that got 201 can read its object.
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 @lru_cache
