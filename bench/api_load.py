@@ -18,11 +18,13 @@ as that code's Dockerfile does, `uvicorn api.app:app`, one process):
    the first second is warm-up and not counted;
 3. reports requests/s, p50/p99 latency, errors (non-200 or transport errors) and the CPU that the
    API processes, the load generator and the whole machine (the database, and anything else on
-   this shared machine) used meanwhile.
+   this shared machine) used meanwhile. Every version's API is up during its backend's part and
+   the rows are interleaved, so a change in the machine's other load falls on each version alike.
 
-Then one upload of --upload-mb MB (a generated archive-like file, streamed from a generator so the
-client holds 1 MiB at a time) to the embedded start of this tree: MB/s and the growth of the API
-processes' RSS (sampled every 50 ms, summed over the API's processes). Validation never runs.
+Then one upload of --upload-mb MiB (a generated archive-like file, streamed from a generator so
+the client holds 1 MiB at a time) to the embedded start of each code version: MB/s and the growth
+of the API processes' RSS (sampled every 50 ms, summed over the API's processes). Validation
+never runs.
 
 Writes the tables to bench/results/api_load.md.
 """
@@ -45,7 +47,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -306,6 +308,18 @@ def upload(server: Server, key: str, size: int) -> dict:
 
 # ------------------------------------------------------------------ the run
 
+def commit(root: Path) -> str:
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + (" with uncommitted changes" if dirty else "")
+
+
+def cpu_ms_per_request(row: dict) -> float:
+    """The API's CPU time per answered request: what the machine's other load changes least."""
+    return 1000 * row["api_cpu"] * row["seconds"] / row["requests"]
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
@@ -330,11 +344,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="api-load-") as tmp:
         for backend in args.backends:
-            for name, root, workers in versions:
-                with serve(name, root, backend, workers, Path(tmp)) as server:
+            # Every version's API up at once (idle between its rows), and the rows interleaved, so a
+            # change in the machine's other load hits every version alike.
+            with ExitStack() as stack:
+                targets = []
+                for name, root, workers in versions:
+                    server = stack.enter_context(serve(name, root, backend, workers, Path(tmp)))
                     key = create_key(server)
-                    jobs = create_jobs(server, key, args.clients)
-                    for interval in args.intervals:
+                    targets.append((name, workers, server, key, create_jobs(server, key, args.clients)))
+                for interval in args.intervals:
+                    for name, workers, server, key, jobs in targets:
                         result = run_load(server, key, jobs, args.duration, interval)
                         rows.append({"code": name, "backend": backend, "workers": workers, "interval": interval, **result})
                         print(json.dumps(rows[-1]), flush=True)
@@ -355,30 +374,33 @@ def main() -> None:
         f"- {args.clients} clients, one key, each polling its own queued job; {args.duration:g} s counted per row after "
         f"{WARMUP_S:g} s of warm-up. *closed loop*: each client sends its next request when the answer arrives "
         "(saturation: latency ≈ clients / throughput); *every N s*: each client polls on a fixed schedule.",
-        "- *before*: " + (f"`{args.before}` started as its Dockerfile does (`uvicorn api.app:app`, one process)"
-                          if args.before else "not measured") +
-        "; *after*: this tree, `python -m api` with `MASKTUNE_API_WORKERS` processes (as docker-compose.yml runs it).",
+        "- *before*: " + (f"`{args.before}` (commit {commit(args.before)}) started as its Dockerfile does "
+                          "(`uvicorn api.app:app`, one process)"
+                          if args.before else "not measured")
+        + f"; *after*: this tree (commit {commit(ROOT)}), `python -m api` with `MASKTUNE_API_WORKERS` processes (as docker-compose.yml runs it).",
         f"- CPU columns: CPU seconds per second (1.00 = one core busy, {cores} at most) of the API processes, of the load "
         "generator, and of the whole machine (the database and whatever else runs on this shared machine included).",
         "",
-        "| backend | code | API processes | polling | req/s | p50 ms | p99 ms | errors | API CPU | load gen CPU | machine CPU |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | polling | code | API processes | req/s | p50 ms | p99 ms | errors | API CPU ms per request | API CPU | load gen CPU | machine CPU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mode = "closed loop" if not r["interval"] else f"every {r['interval']:g} s"
-        lines.append(f"| {r['backend']} | {r['code']} | {r['workers']} | {mode} | {r['requests'] / r['seconds']:,.0f} | "
-                     f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['errors']} | {r['api_cpu']:.2f} | {r['gen_cpu']:.2f} | "
+        lines.append(f"| {r['backend']} | {mode} | {r['code']} | {r['workers']} | {r['requests'] / r['seconds']:,.0f} | "
+                     f"{fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {r['errors']} | "
+                     f"{cpu_ms_per_request(r):.2f} | {r['api_cpu']:.2f} | {r['gen_cpu']:.2f} | "
                      f"{r['machine_cpu']:.2f} |")
     if args.before:
-        lines += ["", "Ratios after / before (same backend and polling; req/s: higher is better, p99: lower is better):", "",
-                  "| backend | API processes | polling | req/s × | p99 × |", "|---|---:|---|---:|---:|"]
+        lines += ["", "Ratios after / before (same backend and polling; req/s: higher is better, p99 and API CPU per "
+                      "request: lower is better):", "",
+                  "| backend | API processes | polling | req/s × | p99 × | API CPU per request × |", "|---|---:|---|---:|---:|---:|"]
         for r in rows:
             if r["code"] != "after":
                 continue
             base = next(b for b in rows if b["code"] == "before" and b["backend"] == r["backend"] and b["interval"] == r["interval"])
             mode = "closed loop" if not r["interval"] else f"every {r['interval']:g} s"
             lines.append(f"| {r['backend']} | {r['workers']} | {mode} | {(r['requests'] / base['requests']):.2f} | "
-                         f"{r['p99_ms'] / base['p99_ms']:.3f} |")
+                         f"{r['p99_ms'] / base['p99_ms']:.2f} | {cpu_ms_per_request(r) / cpu_ms_per_request(base):.2f} |")
     if uploads:
         lines += ["", f"**Upload**: one `POST /v1/datasets` of {args.upload_mb} MiB (multipart, streamed by the client), "
                       "embedded start (SQLite, local blobs); RSS summed over the API's processes, sampled every 50 ms.", "",
