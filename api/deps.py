@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from jobstore.blobs import BlobStore
-from jobstore.db import new_session
+from jobstore.db import autocommit, new_session
 from jobstore.jobs import STATUSES, TERMINAL
 from jobstore.models import Artifact, Dataset, Job, Model, Tenant
 from jobstore.settings import Settings, get_settings
@@ -30,8 +30,9 @@ from .errors import ProblemError
 
 T = TypeVar("T")
 
-# The dependencies below that do no I/O are async: FastAPI calls a sync dependency in a worker
-# thread, and on the polling routes those trips cost more CPU than the database reads.
+
+# Dependencies that do no I/O are async: FastAPI calls a sync dependency in a worker thread, and
+# on the polling routes those trips cost more CPU than the database reads.
 async def current_settings() -> Settings:
     return get_settings()
 
@@ -49,10 +50,8 @@ def _end_session(session: Session, commit: bool) -> None:
         session.close()
 
 
-# Threads of their own for ending sessions: a request that holds a connection must never wait
-# behind requests whose threads wait for a connection (with a shared pool of threads, more
-# requests in flight than threads plus connections would wait on each other until the pool's
-# timeout).
+# Sessions end on threads of their own: a request holding a connection must not wait for a
+# thread behind requests whose threads wait for a connection (a deadlock until the pool's timeout).
 _SESSION_END_THREADS = anyio.CapacityLimiter(16)
 
 
@@ -60,7 +59,7 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
     """One session per request, committed when the route returns (rolled back if it raises).
 
     Opening it does no I/O (it connects on its first query, in the route's thread). Ending it
-    takes a trip to a thread unless the route already ended its transaction (:func:`in_thread`).
+    takes a trip to a thread unless the route already ended its transaction (:func:`read_in_thread`).
     """
     session = new_session(settings.database_url)
     try:
@@ -76,27 +75,29 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
         session.close()  # holds no connection: nothing to send
 
 
-async def in_thread(session: Session, work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)`` (a route's queries) in a worker thread, ending the session's transaction there.
+# scope="function": commit before the response is sent, so a client that got 201 can read its object.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
-    For async routes: one trip to a thread for the request's database work, and the connection
+
+async def read_in_thread(session: Session, read: Callable[[], T]) -> T:
+    """``read()``, a route's queries, in one trip to a worker thread, each statement committing on
+    its own (db.autocommit: reads need no transaction; a recorded key use commits at once anyway).
+
+    For the async polling routes: authentication and the reads in one thread, and the connection
     is back in the pool before the response is serialised on the event loop. (A sync route's
     response is serialised in yet another thread, while its session still holds the connection.)
     """
     def run() -> T:
+        autocommit(session)
         try:
-            result = work(*args)
+            result = read()
         except BaseException:
             session.rollback()
             raise
-        session.commit()
+        session.commit()  # nothing to send: it returns the connection
         return result
 
     return await anyio.to_thread.run_sync(run)
-
-
-# scope="function": commit before the response is sent, so a client that got 201 can read its object.
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 @lru_cache
@@ -133,7 +134,7 @@ def authenticate(session: Session, credentials: HTTPAuthorizationCredentials | N
 
 def current_tenant(session: SessionDep, credentials: ApiKeyDep) -> str:
     """:func:`authenticate` as a dependency (in its own thread). The polling routes authenticate in
-    their one trip to a thread instead (:func:`in_thread`): ApiKeyDep, then ``authenticate``."""
+    their one trip to a thread instead (:func:`read_in_thread`): ApiKeyDep, then ``authenticate``."""
     tenant = authenticate(session, credentials)
     # End the read here, in this dependency's thread: it returns the connection, so a request
     # never holds one while it waits for a thread (see get_session).

@@ -98,12 +98,15 @@ def stack(tmp_path_factory):
         yield stack
 
 
-def test_upload_job_poll_download(stack, client, dataset, tiny_digits, tmp_path):
+def test_upload_job_follow_events_download(stack, client, dataset, tiny_digits, tmp_path):
     summary = dataset["summary"]
     assert summary["classes"] == ["0", "1"] and len(summary["groups"]) == 4
     assert summary["splits"]["train"]["images"] == 300
 
-    job = run_job(client, {"dataset_id": dataset["id"], **SMALL_JOB})
+    created = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **SMALL_JOB}).json()
+    assert created["status"] == "queued"
+    streamed, keepalives = follow_events(client, created["id"])  # from queued until the stream ends
+    job = client.get(f"/v1/jobs/{created['id']}").json()
     assert job["status"] == "succeeded", (job, stack.log_tail("worker"))
     assert job["progress"] == 1.0 and job["attempts"] == 1 and job["error"] is None
     assert job["config"]["erm"]["epochs"] == 3 and job["config"]["erm"]["lr"] == 0.01
@@ -117,6 +120,14 @@ def test_upload_job_poll_download(stack, client, dataset, tiny_digits, tmp_path)
     assert all(0 <= e["val_accuracy"] <= 1 and e["train_loss"] > 0 for e in epochs)
     later = client.get(f"/v1/jobs/{job['id']}/events", params={"after": ids[2]}).json()["data"]
     assert [e["id"] for e in later][:3] == ids[3:6]
+    # The event stream had every event once, in order, as listed, and ended after the final status event.
+    assert [e["data"] for e in streamed] == events
+    assert [(e["id"], e["event"]) for e in streamed] == [(e["id"], e["kind"]) for e in events]
+    assert streamed[-1]["event"] == "status" and streamed[-1]["data"]["data"]["status"] == "succeeded"
+    assert keepalives >= 1  # the job ran for seconds; MASKTUNE_EVENTS_KEEPALIVE_S is 1 here
+    # A reconnecting client sends the last id it saw (Last-Event-ID) and gets only the later events.
+    assert follow_events(client, job["id"], last_event_id=ids[4])[0] == streamed[5:]
+    assert follow_events(client, job["id"], last_event_id=ids[-1])[0] == []
 
     listed = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
     assert {a["name"] for a in listed} == {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json",
@@ -145,24 +156,6 @@ def test_upload_job_poll_download(stack, client, dataset, tiny_digits, tmp_path)
                            "model": {"architecture": "small_cnn", "weights_id": model["id"]}})
     assert again["status"] == "succeeded", again
     assert again["metrics"]["erm"]["test"] == job["metrics"]["erm"]["test"]
-
-
-def test_event_stream_follows_a_job_to_its_end_and_resumes(client, dataset):
-    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **SMALL_JOB}).json()
-    assert job["status"] == "queued"
-    streamed, keepalives = follow_events(client, job["id"])
-    # Every event once, in order, as the listing has them; the stream ends after the final status event.
-    listed = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-    assert [e["data"] for e in streamed] == listed
-    assert [(e["id"], e["event"]) for e in streamed] == [(e["id"], e["kind"]) for e in listed]
-    assert streamed[-1]["event"] == "status" and streamed[-1]["data"]["data"]["status"] == "succeeded"
-    assert [e["data"]["stage"] for e in streamed if e["event"] == "stage"] == STAGES
-    assert keepalives >= 1  # the job ran for seconds; MASKTUNE_EVENTS_KEEPALIVE_S is 1 here
-    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
-    # A reconnecting client sends the last id it saw (Last-Event-ID) and gets only the later events.
-    resumed, _ = follow_events(client, job["id"], last_event_id=streamed[4]["id"])
-    assert resumed == streamed[5:]
-    assert follow_events(client, job["id"], last_event_id=streamed[-1]["id"])[0] == []
 
 
 def test_cancel_a_running_job_then_the_worker_takes_the_next(client, dataset):

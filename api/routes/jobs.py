@@ -19,7 +19,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from jobspec import is_architecture_name
 from jobstore import models as tables
-from jobstore.db import session_scope
+from jobstore.db import autocommit, session_scope
 from jobstore.ids import new_id
 from jobstore.jobs import STATUSES, TERMINAL, add_event, update_job
 from jobstore.models import utcnow
@@ -28,7 +28,7 @@ from jobstore.tenants import tenant_for_key
 
 from .. import schemas
 from ..deps import (RETRY_AFTER_S, ApiKeyDep, BlobsDep, SessionDep, SettingsDep, TenantDep, authenticate,
-                    check_job_slots, find_owned, get_owned, in_thread, lock_tenant, page_owned)
+                    check_job_slots, find_owned, get_owned, lock_tenant, page_owned, read_in_thread)
 from ..errors import ProblemError, problems, validation_problem
 from .architectures import pretrained_reported_missing
 from ..queue import send_task
@@ -172,13 +172,13 @@ def list_jobs(session: SessionDep, tenant: TenantDep,
     return schemas.JobList(data=[schemas.Job.of(r) for r in rows], next_cursor=cursor)
 
 
-# The polling routes are async: authentication and their queries in one trip to a thread (deps.in_thread).
+# The polling routes are async: authentication and their reads in one trip to a thread (deps.read_in_thread).
 @router.get("/{job_id}", response_model=schemas.Job, summary="Get a job", responses=problems(401, 404))
 async def get_job(job_id: str, session: SessionDep, key: ApiKeyDep) -> schemas.Job:
     def read() -> schemas.Job:
         return schemas.Job.of(get_owned(session, tables.Job, job_id, authenticate(session, key)))
 
-    return await in_thread(session, read)
+    return await read_in_thread(session, read)
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, summary="Delete a finished job",
@@ -251,6 +251,7 @@ def _stream_poll(database_url: str, key: str, tenant: str, job_id: str, after: i
     status read is terminal, the events read after it include the last one.
     """
     with session_scope(database_url) as session:
+        autocommit(session)
         if tenant_for_key(session, key) != tenant:
             return None, []
         status = session.scalar(select(tables.Job.status).where(tables.Job.id == job_id))
@@ -297,7 +298,7 @@ async def list_events(job_id: str, request: Request, session: SessionDep, key: A
         return tenant
 
     if EVENT_STREAM in request.headers.get("accept", ""):
-        tenant = await in_thread(session, check)
+        tenant = await read_in_thread(session, check)
         start = _stream_start(request, after)
         return EventSourceResponse(_event_stream(settings, key.credentials, tenant, job_id, start),
                                    ping=settings.events_keepalive_s)
@@ -307,7 +308,7 @@ async def list_events(job_id: str, request: Request, session: SessionDep, key: A
         rows = _events_after(session, job_id, after, limit)
         return schemas.EventList(data=rows, next_cursor=rows[-1].id if rows else None)
 
-    return await in_thread(session, page)
+    return await read_in_thread(session, page)
 
 
 @router.get("/{job_id}/artifacts", response_model=schemas.ArtifactList, summary="A job's artifacts",
