@@ -23,6 +23,7 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -413,10 +414,12 @@ class SplitRows:
     def names(self) -> list[str]:
         return [self.images.names[r] for r in self.rows.tolist()]
 
-    def pixels(self, positions=None) -> torch.Tensor:
-        """uint8 [n, 3, S, S] of the split's images at ``positions`` (default: all of them)."""
+    def pixels(self, positions=None, *, channels_last: bool = False) -> torch.Tensor:
+        """uint8 [n, 3, S, S] of the split's images at ``positions`` (default: all of them); with
+        ``channels_last`` in the rows' own layout (the one a GPU computes in), without a copy."""
         rows = self.rows if positions is None else self.rows[np.asarray(positions, dtype=np.int64)]
-        return torch.from_numpy(self.images.read(rows)).permute(0, 3, 1, 2).contiguous()
+        images = torch.from_numpy(self.images.read(rows)).permute(0, 3, 1, 2)
+        return images if channels_last else images.contiguous()
 
 
 @dataclass
@@ -554,11 +557,16 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().div_(255.0)
 
 
+@lru_cache
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them per batch would copy from the host, and wait for the GPU, every batch.
+    return (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device))
+
+
 def normalize(x: torch.Tensor, normalization: str) -> torch.Tensor:
     if normalization == "none":
         return x
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(x.device)
     return (x - mean) / std
 
 
@@ -567,15 +575,17 @@ def augment(x: torch.Tensor, preset: str, generator: torch.Generator) -> torch.T
     if preset == "none":
         return x
     n, _, h, w = x.shape
+    # The draws come from the CPU generator (same batches on any device); they reach the device
+    # without blocking, so the host does not wait for the GPU's queue.
     flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
+    x = torch.where(flip.to(x.device, non_blocking=True).view(n, 1, 1, 1), x.flip(3), x)
     pad = max(1, h // 8)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     # Every image's crop in one gather (one kernel on a GPU, not one per image).
-    rows = (dy[:, None] + torch.arange(h)).to(x.device)[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)).to(x.device)[:, None, None, :]
+    rows = (dy[:, None] + torch.arange(h)).to(x.device, non_blocking=True)[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)).to(x.device, non_blocking=True)[:, None, None, :]
     images = torch.arange(n, device=x.device)[:, None, None, None]
     channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[images, channels, rows, cols]

@@ -343,8 +343,8 @@ class MaskTuneRun:
                 if self.should_cancel():
                     raise JobCancelled()
                 maps, _ = saliency_maps(cfg.method, model, target, model_input(images, loop), loop.precision)
-                maps = maps.cpu()
-                masks = threshold_masks(maps, cfg.threshold_std)
+                # Thresholded where the maps are: only the masks (a bit per pixel, soon) cross to the host.
+                masks = threshold_masks(maps, cfg.threshold_std).cpu()
                 if previous is not None:
                     masks |= unpack_masks(previous.read(idx), side)
                 masks_out.write(int(idx[0]), pack_masks(masks))
@@ -352,7 +352,7 @@ class MaskTuneRun:
                 images_with_mask += int(masks.flatten(1).any(1).sum())
                 for i in preview_idx.tolist():
                     if idx[0] <= i <= idx[-1]:
-                        preview_maps[i] = maps[i - int(idx[0])]
+                        preview_maps[i] = maps[i - int(idx[0])].cpu()
                 self._emit("progress", min(1.0, (int(idx[-1]) + 1) / len(train)))
         masked_fraction = masked_pixels / max(len(train) * side * side, 1)
         with rf.atomic_path(self.workdir / rf.saliency_stats(iteration)) as tmp:

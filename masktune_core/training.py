@@ -87,7 +87,8 @@ def read_ahead(split: SplitRows, batches: Sequence[torch.Tensor], masks: RowFile
                depth: int = 2, pin: bool = False) -> Iterator[torch.Tensor]:
     """uint8 [n, 3, S, S] images of each batch of split positions, in order; masked when ``masks``
     (packed, one row per position) is given. A thread reads ``depth`` batches ahead, in pinned
-    memory when ``pin`` (a GPU then copies them while it computes)."""
+    memory and channels-last when ``pin`` (a GPU then copies them while it computes, in the layout
+    it computes in)."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -103,7 +104,7 @@ def read_ahead(split: SplitRows, batches: Sequence[torch.Tensor], masks: RowFile
     def produce() -> None:
         try:
             for idx in batches:
-                images = split.pixels(idx)
+                images = split.pixels(idx, channels_last=pin)
                 if masks is not None:
                     images = apply_masks(images, unpack_masks(masks.read(idx), images.shape[-1]))
                 if pin:
