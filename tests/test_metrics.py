@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from masktune_core.metrics import (comparison_table, group_shares, selective_classification, split_metrics, verdict,
-                                   wilson_interval)
+from masktune_core.metrics import (MIN_GROUP_IMAGES, comparison_table, group_shares, selective_classification, split_metrics,
+                                   verdict, wilson_interval)
 
 
 def _logits(predictions, classes=2):
@@ -80,6 +80,20 @@ def test_the_seven_image_tie_is_inconclusive_and_never_says_keep_erm():
     assert "has 7 images" in v["message"] and f"{low:+.2f} to {high:+.2f}" in v["message"]
     assert "0.875->1.000 (8)" in v["message"]  # the other groups' changes are the evidence left
     assert "Keep the ERM model" not in v["message"] and "Warning" not in v["message"]
+
+
+@pytest.mark.parametrize("smallest,call", [(MIN_GROUP_IMAGES - 1, None), (MIN_GROUP_IMAGES, "made")])
+@pytest.mark.parametrize("direction", ["improved", "worse"])
+def test_a_call_needs_enough_images_in_the_smallest_group(smallest, call, direction):
+    """All of the smallest group wrong -> all right (or the reverse): the interval excludes zero either way,
+    so only the group's size decides between a call and inconclusive."""
+    before, after = (0, smallest) if direction == "improved" else (smallest, 0)
+    v = verdict(*_outcomes((smallest, before, after), (100, 95, 95)), ["a", "b"], "group", "val", 0.05)
+    low, high = v["change_interval"]
+    assert v["smallest_count"] == smallest and (low > 0 if direction == "improved" else high < 0)
+    assert v["call"] == (direction if call else "inconclusive")
+    if not call:
+        assert "too few to decide on" in v["message"] and "Warning" not in v["message"]
 
 
 def test_no_change_on_plenty_of_images_is_inconclusive():

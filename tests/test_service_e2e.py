@@ -142,6 +142,10 @@ def test_upload_job_follow_events_download(stack, client, dataset, tiny_digits, 
     assert downloads["previews.png"][:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads(downloads["metrics.json"])
     assert job["metrics"]["verdict"] == metrics["verdict"]
+    # The verdict is the job's last word, and a warning event unless MaskTune improved.
+    verdict = metrics["verdict"]
+    assert events[-1]["kind"] == "status" and events[-1]["message"] == verdict["message"]
+    assert [e["message"] for e in events if e["kind"] == "warning"] == ([] if verdict["call"] == "improved" else [verdict["message"]])
     # The downloaded finetuned model reproduces the reported test accuracy.
     got = accuracy_of_weights(downloads["model.safetensors"], tiny_digits, tmp_path)
     assert got == pytest.approx(metrics["masktune"]["test"]["overall_accuracy"])
