@@ -11,7 +11,7 @@ A run folder holds
       erm/epoch_<T>.pt                               ERM at epoch T, JTT's identification model (when JTT runs)
       saliency_<i>.pt, masks_<i>.npy                 per masking round: statistics and previews, packed masks
       jtt/identify.pt, jtt/error_set.json, jtt/last.pt   JTT: identification model, its error set, the retrained model
-      dfr/head.pt                                    DFR: the ERM model with its retrained last layer
+      dfr/model.safetensors, dfr/head.json           DFR: the ERM model with its retrained last layer, the tuning
       metrics.json
 
 The dataset is not in the run folder: it is unpacked and decoded once into the dataset
@@ -57,7 +57,8 @@ ERM_LAST = "erm/last.pt"
 JTT_IDENTIFY = "jtt/identify.pt"  # trained here only when ERM has no checkpoint at epoch T
 JTT_ERROR_SET = "jtt/error_set.json"
 JTT_LAST = "jtt/last.pt"
-DFR_MODEL = "dfr/head.pt"
+DFR_MODEL = "dfr/model.safetensors"
+DFR_SUMMARY = "dfr/head.json"
 TEMPORARY_MARK = ".tmp"
 
 
