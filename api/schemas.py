@@ -110,7 +110,8 @@ class Job(BaseModel):
     id: str = Field(examples=["job_0123456789abcdef0123"])
     object: Literal["job"] = "job"
     status: Literal[STATUSES]  # type: ignore[valid-type]
-    stage: str | None = Field(None, description="While running: prepare, erm, saliency, finetune, evaluate, export.")
+    stage: str | None = Field(None, description="While running: prepare, erm, saliency, finetune, jtt_identify, jtt, "
+                                                "dfr, evaluate, export (those of the job's methods).")
     progress: float = Field(description="0..1 within the whole run.")
     dataset_id: str
     model_id: str | None = Field(None, description="The uploaded starting weights (config.model.weights_id), if any.")

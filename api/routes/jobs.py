@@ -79,6 +79,11 @@ def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> Non
     # Share lock until the commit: a concurrent DELETE of the dataset waits and then sees this job.
     dataset = get_owned(session, tables.Dataset, body.dataset_id, tenant, lock="share")
     _usable("dataset", dataset.status, dataset.id, dataset.error)
+    if "dfr" in body.methods and not _has_val_groups(dataset.summary or {}, body):
+        raise ProblemError(422, "dfr_needs_val_groups",
+                           f"methods includes dfr, which retrains the last layer on group-balanced validation images, "
+                           f"but dataset {dataset.id} has no group labels (a group column in its manifest, or "
+                           "data.group_attribute for the CelebA layout).")
     if body.model.weights_id is None:
         return
     model = get_owned(session, tables.Model, body.model.weights_id, tenant, lock="share")  # as for the dataset
@@ -91,6 +96,15 @@ def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> Non
         raise ProblemError(422, "num_classes_mismatch", f"Model {model.id} has {model.num_classes} classes, "
                                                         f"dataset {dataset.id} has {len(classes)}; set model.head "
                                                         "to 'replace' to put a fresh head for the dataset's classes on it.")
+
+
+def _has_val_groups(summary: dict, body: schemas.JobCreate) -> bool:
+    """Whether the job's validation split will carry group labels, by the dataset's validation summary.
+    A CelebA-layout dataset has groups when the job names data.group_attribute; any other has them when its
+    summary lists groups (a validation split carved from training images keeps their groups)."""
+    if summary.get("layout") == "celeba":
+        return body.data.group_attribute is not None
+    return bool(summary.get("groups"))
 
 
 async def json_body(request: Request) -> None:
