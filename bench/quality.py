@@ -51,7 +51,7 @@ import torch
 from masktune_core import JobConfig, MaskTuneRun
 from masktune_core import runfolder as rf
 from masktune_core.masking import unpack_masks
-from masktune_core.metrics import LABELS, recommend, verdict
+from masktune_core.metrics import LABELS, MIN_GROUP_IMAGES, recommend, verdict
 from masktune_core.sample_data import SQUARE, write_biased_digits
 from masktune_core.training import predict_logits
 
@@ -190,12 +190,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
-def render(per_seed: dict[int, dict], deviations: dict[str, dict[int, dict]], args, recipe: dict,
-           command: str, wall_s: float) -> str:
+def render(per_seed: dict[int, dict], deviations: dict[str, dict[int, dict]], args, recipe: dict, command: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = list(args.methods)
     models = ["erm", *methods]
     seeds = list(per_seed)
+    run_s = sum(r["seconds"] for r in per_seed.values()) + sum(r["seconds"] for runs in deviations.values() for r in runs.values())
     official = all(recipe[k] == OFFICIAL[k] for k in OFFICIAL)
     deviation = "none: the paper's biased-MNIST recipe" if official else (
         f"{recipe['epochs']} ERM epochs on {recipe['n_train']:,} training images instead of the paper's "
@@ -204,8 +204,8 @@ def render(per_seed: dict[int, dict], deviations: dict[str, dict[int, dict]], ar
         "# Quality: MaskTune, JTT and DFR against ERM on biased digits",
         "",
         f"- command: `{command}`",
-        f"- date: {now}; wall time {wall_s / 60:.1f} min for {len(seeds)} seeds "
-        f"(this machine: 2 cores shared with other work)",
+        f"- date: {now}; the runs took {run_s / 60:.1f} min for {len(seeds)} seeds, as they ran "
+        f"(a rerun reuses finished runs; this machine: 2 cores shared with other work)",
         f"- torch {torch.__version__}, python {platform.python_version()}, device `{args.device}`, "
         f"torch threads {torch.get_num_threads()}",
         f"- data: `write_biased_digits(seed=SEED, n_train={recipe['n_train']}, n_val={recipe['n_val']}, "
@@ -308,8 +308,12 @@ def render(per_seed: dict[int, dict], deviations: dict[str, dict[int, dict]], ar
     ]
     for source in ("val", "service"):
         found = violations[source]
-        lines.append(f"- {source} verdicts: {'MET' if not found else 'NOT MET'} ({len(found)} violations)"
-                     + "".join(f"\n  - {v}" for v in found))
+        worse = sum("called worse" in v for v in found)
+        lines.append(f"- {source} verdicts: {'MET' if not found else 'NOT MET'} ({worse} called worse, "
+                     f"{len(found) - worse} with ERM recommended)" + "".join(f"\n  - {v}" for v in found))
+    smallest = "; ".join(f"seed {s}: {per_seed[s]['val_verdict']['by_method'][methods[0]]['smallest']} "
+                         f"({per_seed[s]['val_verdict']['by_method'][methods[0]]['smallest_count']} images)" for s in seeds)
+    lines += ["", f"Smallest val group (a call needs at least {MIN_GROUP_IMAGES} images in every group): {smallest}."]
 
     if "dfr" in methods and "masktune" in methods:
         lines += ["", "## DFR against MaskTune (test worst-group accuracy)", "",
@@ -382,7 +386,6 @@ def main(argv: list[str] | None = None) -> None:
     deviations = {deviation_label(d): d for d in args.deviation}
     per_seed: dict[int, dict] = {}
     deviation_runs: dict[str, dict[int, dict]] = {label: {} for label in deviations}
-    t0 = time.perf_counter()
     for seed in args.seeds:
         data = dataset(root, seed, recipe["n_train"], recipe["n_val"], recipe["n_test"])
         tag = f"seed{seed}_e{recipe['epochs']}_n{recipe['n_train']}_{'-'.join(args.methods)}"
@@ -393,9 +396,8 @@ def main(argv: list[str] | None = None) -> None:
                                              "methods": ["masktune"], "seed": seed})
             deviation_runs[label][seed] = run_one(data, root / f"run_{tag}_{label.replace('=', '-')}", dcfg, args.device,
                                                   f"seed {seed} {label}", official=per_seed[seed]["run"])
-    wall_s = time.perf_counter() - t0
     command = "PYTHONPATH=. .venv/bin/python " + shlex.join(["bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    text = render(per_seed, deviation_runs, args, recipe, command, wall_s)
+    text = render(per_seed, deviation_runs, args, recipe, command)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
