@@ -10,11 +10,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from jobstore.db import migrate
+from jobstore.webhooks import send_after_commit
 from jobstore.settings import get_settings
 
 from . import __version__
 from .errors import PROBLEM_MEDIA_TYPE, install
-from .routes import architectures, datasets, health, jobs, models
+from .queue import send_webhooks
+from .routes import architectures, datasets, health, jobs, models, webhooks
 from .uploads import BodyLimitMiddleware
 
 DESCRIPTION = """MaskTune (Asgari Taghanaki et al., NeurIPS 2022) as a service: upload a dataset (and
@@ -34,8 +36,10 @@ app = FastAPI(title="MaskTune Service", version=__version__, description=DESCRIP
 install(app)
 app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_upload_bytes,
                    upload_paths=("/v1/datasets", "/v1/models"), idle_timeout_s=get_settings().upload_idle_timeout_s)
-for module in (health, datasets, models, jobs, architectures):
+for module in (health, datasets, models, jobs, architectures, webhooks):
     app.include_router(module.router)
+# A job cancelled while queued announces it: its webhook message is queued after the commit.
+send_after_commit(send_webhooks)
 
 
 def _openapi() -> dict[str, Any]:

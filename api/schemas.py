@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -9,7 +10,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from jobspec import JobConfig, is_architecture_name
 from jobstore import models as tables
-from jobstore.statuses import JobStatus, UploadStatus
+from jobstore import webhook_urls
+from jobstore.statuses import DeliveryStatus, JobStatus, UploadStatus
+from jobstore.webhooks import DEFAULT_EVENTS, WebhookEvent
 
 # What a client can see of an upload (a deleted one is gone from every answer).
 UploadState = Literal[UploadStatus.VALIDATING, UploadStatus.READY, UploadStatus.INVALID]
@@ -98,10 +101,22 @@ class JobCreate(JobConfig):
         "erm": {"epochs": 20, "lr": 0.01, "batch_size": 128}, "masking": {"method": "xgradcam", "threshold_std": 2.0},
         "finetune": {"epochs": 1}, "seed": 0}]})
     dataset_id: str = Field(min_length=1, max_length=64, description="A ready dataset (ds_...).")
+    # Webhooks (README, Webhooks): stored with the job, not part of its config.
+    webhook_url: str | None = Field(None, max_length=webhook_urls.MAX_URL_LENGTH, examples=["https://example.com/hooks/masktune"],
+                                    description="http(s) URL to POST the job's events to, signed with the tenant's webhook "
+                                                "secret (POST /v1/webhook-secret first); public addresses only.")
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS), min_length=1, description="Which events to send: job.succeeded, "
+        "job.failed, job.cancelled (the default: all three) and job.stage (each stage the job enters).")
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _distinct(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(value))
 
     def config(self) -> dict[str, Any]:
         """The resolved JobConfig, as stored with the job."""
-        return self.model_dump(mode="json", exclude={"dataset_id"})
+        return self.model_dump(mode="json", exclude={"dataset_id", "webhook_url", "webhook_events_filter"})
 
 
 class JobError(BaseModel):
@@ -125,6 +140,8 @@ class Job(BaseModel):
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
     updated_at: Timestamp
+    webhook_url: str | None = Field(None, description="Where the job's events are POSTed (null: nowhere).")
+    webhook_events_filter: list[WebhookEvent] = Field(description="Which events are sent to webhook_url.")
 
     @classmethod
     def of(cls, row: tables.Job) -> Job:
@@ -134,7 +151,8 @@ class Job(BaseModel):
         return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, dataset_id=row.dataset_id,
                    model_id=row.model_id, config=row.config, attempts=row.attempts, error=error,
                    metrics=row.metrics_summary, created_at=row.created_at, started_at=row.started_at,
-                   finished_at=row.finished_at, updated_at=row.updated_at)
+                   finished_at=row.finished_at, updated_at=row.updated_at,
+                   webhook_url=row.webhook_url, webhook_events_filter=row.webhook_events_filter or list(DEFAULT_EVENTS))
 
 
 class Event(BaseModel):
@@ -225,3 +243,57 @@ class ArchitectureList(BaseModel):
     timm: str = Field(description="Any timm CNN is accepted as timm/<name>; the listed ones have cached weights.")
     reported_at: Timestamp | None = Field(description="When a worker last reported (null: none has yet; the list is then empty).")
     versions: dict[str, str] = Field(default_factory=dict, description="The reporting worker's torch, torchvision and timm.")
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+class WebhookSecretCreated(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str = Field(examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+                        description="Standard Webhooks signing secret. Shown in this answer only: store it now.")
+    created_at: Timestamp
+
+
+class WebhookSecretInfo(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    exists: bool = Field(description="Whether the tenant has a secret (the secret itself is never shown again).")
+    created_at: Timestamp | None = None
+
+
+class WebhookAttempt(BaseModel):
+    attempt: int = Field(description="1 for the first attempt.")
+    started_at: Timestamp
+    duration_ms: float
+    http_status: int | None = Field(None, description="The receiver's answer; null when there was none (see error).")
+    error: str | None = Field(None, description="Why there was no answer: refused address, connection, timeout.")
+
+    @classmethod
+    def of(cls, row: tables.WebhookAttempt) -> WebhookAttempt:
+        return cls(attempt=row.attempt, started_at=row.started_at, duration_ms=row.duration_ms,
+                   http_status=row.http_status, error=row.error)
+
+
+class WebhookDelivery(BaseModel):
+    id: str = Field(examples=["msg_0123456789abcdef0123"], description="The message id: its webhook-id header, the same on every attempt.")
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    type: WebhookEvent
+    url: str
+    status: DeliveryStatus = Field(description="pending (being tried, or waiting for its next attempt), delivered (a 2xx), "
+                                               "failed (refused with a 4xx other than 408/429, or out of attempts).")
+    payload: dict[str, Any] = Field(description="The body every attempt sends: {type, timestamp, data}.")
+    next_attempt_at: Timestamp | None = Field(None, description="While pending: when the next attempt is due.")
+    created_at: Timestamp
+    finished_at: Timestamp | None = None
+    attempts: list[WebhookAttempt]
+
+    @classmethod
+    def of(cls, row: tables.WebhookDelivery, attempts: list[tables.WebhookAttempt]) -> WebhookDelivery:
+        pending = row.status == DeliveryStatus.PENDING
+        return cls(id=row.id, type=row.event_type, url=row.url, status=row.status, payload=json.loads(row.body),
+                   next_attempt_at=row.next_attempt_at if pending else None, created_at=row.created_at,
+                   finished_at=row.finished_at, attempts=[WebhookAttempt.of(a) for a in attempts])
+
+
+class WebhookDeliveryList(BaseModel):
+    data: list[WebhookDelivery] = Field(description="The job's webhook messages, oldest first, each with its attempts.")

@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from . import webhooks
 from .models import Job, JobEvent, utcnow
 from .statuses import TERMINAL, JobStatus
 
@@ -37,7 +38,12 @@ def update_job(session: Session, job_id: str, token: str | None = None, **fields
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str = "", stage: str | None = None, data: dict | None = None) -> None:
+    """Record a job event; a terminal status or a stage change also queues the job's webhook message, in
+    this same transaction (write the row's change first: the message carries the row as it then is)."""
     session.add(JobEvent(job_id=job_id, kind=kind, stage=stage, message=message, data=data))
+    webhook_event = webhooks.event_type(kind, data)
+    if webhook_event is not None:
+        webhooks.queue_message(session, job_id, webhook_event)
 
 
 def heartbeat_stale(heartbeat_timeout_s: float):

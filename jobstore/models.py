@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .statuses import JobStatus, UploadStatus
+from .statuses import DeliveryStatus, JobStatus, UploadStatus
 
 
 def utcnow() -> datetime:
@@ -108,6 +108,9 @@ class Job(Base):
     sent_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     # When the reconciler deleted the work area (checkpoints, stage outputs) of the finished job.
     work_expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Webhooks: where to POST the job's events, and which of them (None: the terminal ones).
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -146,3 +149,45 @@ class WorkerCatalog(Base):
     hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
     catalog: Mapped[dict[str, Any]]
     reported_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing key (Standard Webhooks, whsec_...): kept as is, the worker signs with it."""
+
+    __tablename__ = "webhook_secrets"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One webhook message (an event of a job, for its webhook_url): the outbox row, written in the
+    transaction of the event itself, then sent and retried until delivered or failed."""
+
+    __tablename__ = "webhook_deliveries"
+    # The worker's and the reconciler's question: which pending messages are due.
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)  # the webhook-id header: the same on every attempt
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    event_type: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)  # the exact bytes every attempt sends and signs
+    status: Mapped[str] = mapped_column(String(20), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due; while an attempt runs, when it counts as lost (a lease).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[float] = mapped_column(Float)
+    http_status: Mapped[int | None] = mapped_column(Integer, default=None)  # None: no answer (see error)
+    error: Mapped[str | None] = mapped_column(Text, default=None)

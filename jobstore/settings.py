@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,12 +55,24 @@ class Settings(BaseSettings):
     api_workers: int = Field(1, ge=1, description="API processes python -m api runs (uvicorn workers): about one per core.")
     events_poll_interval_s: float = Field(1.0, gt=0, description="How often an event stream (GET /v1/jobs/{id}/events as text/event-stream) reads new events.")
     events_keepalive_s: float = Field(15.0, gt=0, description="An event stream sends a keep-alive comment this often, so proxies and clients keep it open.")
+    # Webhooks (README, Webhooks).
+    webhook_max_attempts: int = Field(8, ge=1, description="Attempts to deliver one webhook message before it is marked failed.")
+    webhook_retry_base_s: float = Field(15.0, gt=0, description="Wait before the 2nd attempt of a webhook message; doubled before each later one.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Time one webhook attempt may take (connect, send, answer) before it counts as failed.")
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list, description='JSON list of CIDRs, e.g. ["10.1.0.0/16"]: webhook URLs may point there as well as at '
+        "public addresses; loopback, private, link-local (the cloud metadata address), multicast and reserved ones are refused otherwise.")
 
     @field_validator("dataset_url_prefixes")
     @classmethod
     def _normalised_prefixes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         # A prefix the checker cannot read is a deployment error: refuse to start, not every request.
         return {tenant: [normalize_url(p) + "/" for p in prefixes] for tenant, prefixes in value.items()}
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(network.strip(), strict=False)) for network in value]
 
     @model_validator(mode="after")
     def _timeout_spans_beats(self) -> Settings:
@@ -113,6 +126,7 @@ class Settings(BaseSettings):
                 TASK_RUN_JOB: {"queue": self.jobs_queue},
                 TASK_VALIDATE_DATASET: {"queue": self.validation_queue},
                 TASK_VALIDATE_MODEL: {"queue": self.validation_queue},
+                TASK_DELIVER_WEBHOOK: {"queue": self.validation_queue},  # short HTTP calls: CPU processes send them
             },
         }
 
@@ -121,6 +135,7 @@ class Settings(BaseSettings):
 TASK_RUN_JOB = "masktune.run_job"
 TASK_VALIDATE_DATASET = "masktune.validate_dataset"
 TASK_VALIDATE_MODEL = "masktune.validate_model"
+TASK_DELIVER_WEBHOOK = "masktune.deliver_webhook"
 # The broadcast command each worker answers with its device and queues (GET /readyz).
 COMMAND_REPORT_DEVICE = "masktune_report_device"
 

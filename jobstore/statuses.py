@@ -30,3 +30,11 @@ class UploadStatus(StrEnum):
     READY = "ready"
     INVALID = "invalid"
     DELETED = "deleted"  # hidden at once; its rows and blobs go when no job refers to it
+
+
+class DeliveryStatus(StrEnum):
+    """A webhook message: pending (being tried, or waiting for its next attempt) -> delivered | failed."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"

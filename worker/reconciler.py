@@ -14,6 +14,9 @@ pass, with conditional updates only (two passes at once cannot double anything):
    message or worker): validation re-sent (validating twice gives the same answer).
 4. jobs finished more than ``work_retention_s`` ago lose their work area
    ``jobs/{id}/work/`` (checkpoints, stage outputs); artifacts stay.
+5. webhook messages due for longer than one reconcile interval lost their delivery
+   task (a crash right after the commit, a lost broker message, a worker killed
+   mid-attempt once its lease ran out): re-sent (only one delivery can take an attempt).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from jobstore import blob_keys
+from jobstore import blob_keys, webhooks
 from jobstore.blobs import BlobStore
 from jobstore.db import session_scope
 from jobstore.jobs import heartbeat_stale, recover_lost
@@ -35,6 +38,7 @@ from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
 from .celery_app import TASK_RECONCILE, app
 from .job_run import run_job
 from .validation import validate_dataset, validate_model
+from .webhooks import deliver_webhook
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ def reconcile() -> dict[str, int]:
         "resent_jobs": _resend_queued_jobs(settings),
         "resent_validations": _resend_validations(settings),
         "expired_work_areas": _expire_work_areas(settings),
+        "resent_webhooks": _resend_webhooks(settings),
     }
     if any(counts.values()):
         log.info("reconciled: %s", counts)
@@ -137,3 +142,13 @@ def _expire_work_areas(settings: Settings) -> int:
         with session_scope(settings.database_url) as session:
             session.execute(update(Job).where(Job.id == job_id).values(work_expired_at=utcnow()))
     return len(rows)
+
+
+def _resend_webhooks(settings: Settings) -> int:
+    with session_scope(settings.database_url) as session:
+        ids = webhooks.due_messages(session, settings.reconcile_interval_s, BATCH)
+    for delivery_id in ids:
+        log.warning("webhook message %s: due for over %ss without an attempt; re-sent", delivery_id,
+                    settings.reconcile_interval_s)
+        deliver_webhook.delay(delivery_id)
+    return len(ids)

@@ -35,6 +35,7 @@ from ..errors import ProblemError, problems, validation_problem
 from .architectures import pretrained_reported_missing
 from ..queue import send_task
 from ..uploads import is_json
+from .webhooks import check_webhook, delete_webhook_deliveries
 
 log = logging.getLogger("api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -131,6 +132,7 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
         existing = _by_key(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, request_hash)
+    check_webhook(session, tenant, body.webhook_url, settings)
     _check_inputs(session, tenant, body)
     # Count and insert under the tenant lock, so concurrent requests cannot all take the last slot.
     lock_tenant(session, tenant)
@@ -141,7 +143,8 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
             return _replay(existing, request_hash)
     check_job_slots(session, tenant, settings.max_active_jobs_per_tenant)
     job = tables.Job(id=new_id("job"), tenant_id=tenant, dataset_id=body.dataset_id, model_id=body.model.weights_id,
-                     config=body.config(), status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=request_hash)
+                     config=body.config(), status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=request_hash,
+                     webhook_url=body.webhook_url, webhook_events_filter=list(body.webhook_events_filter))
     session.add(job)
     try:
         session.commit()
@@ -193,6 +196,7 @@ def delete_job(job_id: str, session: SessionDep, tenant: TenantDep, blobs: Blobs
                                               "cancelled before deleting it.")
     session.execute(delete(tables.Artifact).where(tables.Artifact.job_id == job.id))
     session.execute(delete(tables.JobEvent).where(tables.JobEvent.job_id == job.id))
+    delete_webhook_deliveries(session, job.id)
     session.execute(delete(tables.Job).where(tables.Job.id == job.id))
     # A dataset or model deleted while this job referenced it was kept as a tombstone: drop it if this was the last.
     for table, object_id, column in ((tables.Dataset, job.dataset_id, tables.Job.dataset_id),
