@@ -51,7 +51,8 @@ class _Handler(BaseHTTPRequestHandler):
         with server.lock:
             tries = sum(1 for r in server.requests if r["id"] == self.headers.get("webhook-id") and r["verified"])
             answer = 401 if not verified else 500 if self.path == "/flaky" and tries < FAILURES_BEFORE_OK else 200
-            server.requests.append({"path": self.path, "id": self.headers.get("webhook-id"), "verified": verified,
+            server.requests.append({"path": self.path, "host": self.headers.get("Host"), "id": self.headers.get("webhook-id"),
+                                    "verified": verified,
                                     "timestamp": self.headers.get("webhook-timestamp"), "payload": payload,
                                     "answer": answer, "at": time.time()})
         self.send_response(answer)
@@ -137,6 +138,33 @@ def test_receiver_refuses_forged_and_stale_signatures(receiver, secret):
     assert [r["verified"] for r in receiver.requests[-3:]] == [False, False, True]
 
 
+def test_each_attempt_checks_the_addresses_and_sends_to_a_checked_one(receiver, secret, monkeypatch):
+    """What the worker does before every attempt: resolve, keep the allowed addresses, connect to one of them
+    (never the name again), with the URL's host as the Host header."""
+    import socket
+
+    from jobstore.webhooks import Attempt
+    from worker.webhooks import post
+
+    port = receiver.server_address[1]
+    answers = {"hooks.example": ["169.254.169.254", "127.0.0.1"], "rebound.example": ["169.254.169.254", "10.0.0.1"]}
+    real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers[host]] if host in answers
+        else real_getaddrinfo(host, *a, **k))
+    body = json.dumps({"type": "job.stage", "timestamp": "2026-01-01T00:00:00Z", "data": {"id": "job_pinned"}})
+
+    def attempt(host: str) -> Attempt:
+        return Attempt("msg_pinned", 1, f"http://{host}:{port}/ok", body, secret, datetime.now(timezone.utc))
+
+    sent = post(attempt("hooks.example"), timeout_s=5, allowed_networks=["127.0.0.0/8"])
+    (received,) = receiver.of_job("job_pinned")
+    assert sent.http_status == 200 and received["verified"] and received["host"] == f"hooks.example:{port}"
+    refused = post(attempt("rebound.example"), timeout_s=5, allowed_networks=["127.0.0.0/8"])
+    assert refused.http_status is None and refused.final and "169.254.169.254" in refused.error
+    assert len(receiver.of_job("job_pinned")) == 1  # nothing was sent for the refused one
+
+
 def test_succeeded_job_sends_one_message_retried_until_2xx(client, dataset, secret, receiver):
     created = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **FAST_JOB, "webhook_url": receiver.url("/flaky")})
     assert created.status_code == 201, created.text
@@ -155,9 +183,9 @@ def test_succeeded_job_sends_one_message_retried_until_2xx(client, dataset, secr
     received = receiver.of_job(job["id"])
     assert [(r["answer"], r["verified"], r["id"]) for r in received] == [(500, True, message["id"])] * 2 + [(200, True, message["id"])]
     assert [r["payload"]["type"] for r in received if r["answer"] == 200] == ["job.succeeded"]
-    print("\n".join(f"{message['id']} {message['type']} attempt {a['attempt']}: HTTP {a['http_status']} in "
-                    f"{a['duration_ms']:.0f} ms, signature verified by the receiver: {r['verified']}"
-                    for a, r in zip(message["attempts"], received)))
+    print("".join(f"\n{message['type']} {r['id']} attempt {a['attempt']}: HTTP {a['http_status']} in {a['duration_ms']:.0f} ms, "
+                  f"webhook-timestamp {r['timestamp']}, +{r['at'] - received[0]['at']:.2f} s, verified: {r['verified']}"
+                  for a, r in zip(message["attempts"], received)))
 
 
 def test_cancelled_jobs_and_stage_events(client, dataset, secret, receiver, stack):
@@ -183,6 +211,8 @@ def test_cancelled_jobs_and_stage_events(client, dataset, secret, receiver, stac
         received = receiver.of_job(job_id)
         assert len(received) == count and all(r["verified"] and r["answer"] == 200 for r in received)
     assert {r["payload"]["type"] for r in receiver.of_job(running_job["id"])} == {"job.stage", "job.cancelled"}
+    print("".join(f"\n{m['type']} ({m['payload']['data']['status']}, {m['payload']['data']['stage']}) {m['id']}: "
+                  f"{m['status']}, HTTP {[a['http_status'] for a in m['attempts']]}" for m in [message, *messages]))
 
     with stack.client(stack.create_key("intruder")) as other:  # deliveries are the tenant's, like the job
         assert other.get(f"/v1/jobs/{running_job['id']}/webhook-deliveries").status_code == 404
