@@ -1,0 +1,14 @@
+"""A Python client and the ``masktune`` command for the MaskTune Service API (httpx and pydantic only)."""
+
+from .client import DEFAULT_URL, MaskTuneClient
+from .errors import ApiError, TransferError
+from .models import (
+    ArchitectureInfo, ArchitectureList, Artifact, Dataset, DatasetList, Event, EventList, Health, Job, JobError, JobList,
+    Model, ModelList, Readiness, WorkerInfo,
+)
+
+__all__ = [
+    "DEFAULT_URL", "MaskTuneClient", "ApiError", "TransferError", "ArchitectureInfo", "ArchitectureList", "Artifact",
+    "Dataset", "DatasetList", "Event", "EventList", "Health", "Job", "JobError", "JobList", "Model", "ModelList",
+    "Readiness", "WorkerInfo",
+]
