@@ -123,6 +123,11 @@ class JobProgress:
         self.config = job.config
         self.quiet = quiet
         self.bar: tqdm | None = None
+        self.last_message = ""
+
+    def _write(self, line: str, message: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+        self.last_message = message
 
     def _end_stage(self, done: bool) -> None:
         if self.bar is not None:
@@ -138,24 +143,27 @@ class JobProgress:
         if event.kind == "stage":
             self._end_stage(done=True)
             epochs = (self.config.get(event.stage or "") or {}).get("epochs") if event.stage in ("erm", "finetune") else None
+            fmt = "{desc} {percentage:3.0f}%|{bar:30}| "
             if epochs:
-                fmt = "{desc} {bar} {n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]"
-                self.bar = tqdm(total=epochs, desc=f"{event.stage:<9}", bar_format=fmt, file=sys.stderr)
+                fmt += "{n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]"
             else:
-                self.bar = tqdm(total=1, desc=f"{event.stage:<9}", bar_format="{desc} {bar} [{elapsed}]", file=sys.stderr)
+                fmt += "[{elapsed}]"
+            self.bar = tqdm(total=epochs or 1, desc=f"{event.stage:<9}", bar_format=fmt, file=sys.stderr)
         elif event.kind == "epoch":
             if self.bar is not None:
                 if data.get("epochs") and self.bar.total != data["epochs"]:
                     self.bar.total = data["epochs"]
                 self.bar.update(max(0, data.get("epoch", self.bar.n + 1) - self.bar.n))
-            tqdm.write(_epoch_line(data, event.message), file=sys.stderr)
+            self._write(_epoch_line(data, event.message), event.message)
         elif event.kind == "status":
-            status = data.get("status")
+            status = data.get("status") or "status"
             if status in ("succeeded", "failed", "cancelled"):
                 self._end_stage(done=status == "succeeded")
-            tqdm.write(f"{status or 'status'}: {event.message}", file=sys.stderr)
+            # A succeeded job's status message is its verdict, often just shown as a warning.
+            repeated = event.message == self.last_message
+            self._write(f"job {status}" if repeated else f"job {status}: {event.message}", event.message)
         elif event.kind in ("warning", "info"):
-            tqdm.write(f"{event.kind}: {event.message}", file=sys.stderr)
+            self._write(f"{event.kind}: {event.message}", event.message)
 
     def close(self) -> None:
         self._end_stage(done=False)
@@ -246,9 +254,6 @@ def _wait_job(client: MaskTuneClient, args: argparse.Namespace, job: Job) -> Job
 
 def _job_outcome(args: argparse.Namespace, job: Job) -> int:
     if job.status == "succeeded":
-        verdict = ((job.metrics or {}).get("verdict") or {}).get("message")
-        if verdict:
-            _say(args, verdict)
         return OK
     if job.error is not None:
         _say(args, f"job {job.id} {job.status}: {job.error.code}: {job.error.message}")

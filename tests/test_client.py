@@ -195,8 +195,16 @@ def archive(tiny_digits, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ready_dataset(api, archive) -> Dataset:
-    dataset = api.wait_dataset(api.upload_dataset(archive).id, timeout=60)
+def upload(api, archive) -> dict:
+    """The tiny digits uploaded by the client, with the progress it reported."""
+    progress: list[tuple[int, int]] = []
+    dataset = api.upload_dataset(archive, on_progress=lambda sent, total: progress.append((sent, total)))
+    return {"dataset": dataset, "progress": progress}
+
+
+@pytest.fixture(scope="module")
+def ready_dataset(api, upload) -> Dataset:
+    dataset = api.wait_dataset(upload["dataset"].id, timeout=60)
     assert dataset.status == "ready", dataset
     return dataset
 
@@ -237,26 +245,14 @@ def test_health_readiness_and_architectures(api):
     assert listing.data == [] and listing.reported_at is None  # this stack's workers do not report
 
 
-def test_datasets_upload_with_progress_list_get_delete(api, archive, ready_dataset):
-    progress: list[tuple[int, int]] = []
-    dataset = api.upload_dataset(archive, on_progress=lambda sent, total: progress.append((sent, total)))
-    size = archive.stat().st_size
+def test_dataset_upload_streams_with_progress(api, archive, upload, ready_dataset):
+    dataset, progress, size = upload["dataset"], upload["progress"], archive.stat().st_size
     assert dataset.status == "validating" and dataset.size_bytes == size and dataset.filename == "digits.zip"
     assert dataset.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
     assert len(progress) > 1 and progress[-1] == (size, size)  # streamed in chunks
     assert [p[0] for p in progress] == sorted(p[0] for p in progress)
     assert isinstance(dataset.created_at, datetime) and dataset.created_at.tzinfo is not None
-
-    assert api.wait_dataset(dataset.id, timeout=60).summary["classes"] == ["0", "1"]
-    page = api.list_datasets(limit=1)
-    assert [d.id for d in page.data] == [dataset.id] and page.next_cursor
-    assert [d.id for d in api.list_datasets(after=page.next_cursor).data] == [ready_dataset.id]
-    assert api.get_dataset(ready_dataset.id) == ready_dataset
-
-    api.delete_dataset(dataset.id)
-    with pytest.raises(ApiError) as gone:
-        api.get_dataset(dataset.id)
-    assert (gone.value.status, gone.value.code) == (404, "not_found")
+    assert ready_dataset.summary["classes"] == ["0", "1"] and api.get_dataset(dataset.id) == ready_dataset
     with pytest.raises(ApiError) as refused:
         api.register_dataset("s3://elsewhere/data/")
     assert (refused.value.status, refused.value.code) == (422, "dataset_url_not_allowed")
@@ -374,3 +370,22 @@ def test_cli_cancel_then_delete(api, ready_dataset, cli_env):
     with pytest.raises(ApiError) as gone:
         api.cancel_job(job_id)
     assert gone.value.status == 404
+
+
+def test_datasets_page_and_delete(api, ready_dataset, run):
+    everything = [d.id for d in api.list_datasets(limit=100).data]
+    assert {ready_dataset.id, run["output"]["dataset"]["id"]} <= set(everything)
+    paged, cursor = [], None
+    while True:
+        page = api.list_datasets(limit=1, after=cursor)
+        paged += [d.id for d in page.data]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert paged == everything  # newest first, one per page
+    # The run's dataset: a finished job uses it, so it stays as a hidden record and answers 404.
+    api.delete_dataset(run["output"]["dataset"]["id"])
+    with pytest.raises(ApiError) as gone:
+        api.get_dataset(run["output"]["dataset"]["id"])
+    assert (gone.value.status, gone.value.code) == (404, "not_found")
+    assert run["output"]["dataset"]["id"] not in [d.id for d in api.list_datasets().data]
