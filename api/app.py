@@ -13,9 +13,9 @@ from jobstore.db import check_schema, migrate
 from jobstore.settings import get_settings
 
 from . import __version__
+from .body_limit import BodyLimitMiddleware
 from .errors import PROBLEM_MEDIA_TYPE, install
 from .routes import architectures, datasets, health, jobs, models
-from .uploads import BodyLimitMiddleware
 
 DESCRIPTION = """MaskTune (Asgari Taghanaki et al., NeurIPS 2022) as a service: upload a dataset (and
 optionally starting weights), create a job, follow its events, download metrics and weights.
