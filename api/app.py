@@ -12,8 +12,9 @@ from fastapi.openapi.utils import get_openapi
 from jobstore.db import migrate
 from jobstore.settings import get_settings
 
-from . import __version__
+from . import __version__, metrics
 from .errors import PROBLEM_MEDIA_TYPE, install
+from .observability import ObservabilityMiddleware, configure_logging
 from .routes import architectures, datasets, health, jobs, models
 from .uploads import BodyLimitMiddleware
 
@@ -26,6 +27,7 @@ Every route but the health probes needs `Authorization: Bearer <key>`. Errors ar
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    configure_logging(get_settings().log_format)  # again for a bare `uvicorn api.app:app`; python -m api sets it first
     await anyio.to_thread.run_sync(migrate, get_settings().database_url)
     yield
 
@@ -34,7 +36,8 @@ app = FastAPI(title="MaskTune Service", version=__version__, description=DESCRIP
 install(app)
 app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_upload_bytes,
                    upload_paths=("/v1/datasets", "/v1/models"), idle_timeout_s=get_settings().upload_idle_timeout_s)
-for module in (health, datasets, models, jobs, architectures):
+app.add_middleware(ObservabilityMiddleware)  # added last: outermost, it sees the body limit's refusals too
+for module in (health, datasets, models, jobs, architectures, metrics):
     app.include_router(module.router)
 
 

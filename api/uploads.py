@@ -31,6 +31,7 @@ from jobstore.settings import Settings
 
 from .deps import lock_tenant, quota_exceeded, storage_used
 from .errors import ProblemError, problem_response, validation_problem
+from .metrics import upload_accepted
 from .queue import send_task
 
 log = logging.getLogger("api")
@@ -377,6 +378,7 @@ async def accept_upload(request: Request, *, session: Session, settings: Setting
             raise quota_exceeded(used, quota, form.file.size_bytes)
         keep_and_queue(session, settings, row, task)
         done = True
+        upload_accepted(type(row).__name__.lower(), form.file.size_bytes)
         return row
 
     def cleanup() -> None:
