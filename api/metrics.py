@@ -22,9 +22,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import func, select
 
 from jobstore.db import session_scope
-from jobstore.jobs import STATUSES
 from jobstore.models import Job
 from jobstore.settings import Settings, get_settings
+from jobstore.statuses import JobStatus
 
 from .queue import celery_app
 
@@ -87,7 +87,7 @@ def queue_depths(settings: Settings) -> dict[str, int]:
 def job_counts(settings: Settings) -> dict[str, int]:
     with session_scope(settings.database_url) as session:
         counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
-    return {status: counts.get(status, 0) for status in STATUSES}
+    return {status.value: counts.get(status, 0) for status in JobStatus}
 
 
 class StateCollector:
