@@ -1,9 +1,10 @@
 """Run the API as deployed: ``python -m api`` (docker-compose.yml, scripts/serve.py).
 
-uvicorn with MASKTUNE_API_WORKERS processes on MASKTUNE_API_HOST:MASKTUNE_API_PORT. The
-migrations are applied here, once, before the processes start: each process applies them
-again at start-up (``api.app``'s lifespan, for a bare ``uvicorn api.app:app``), which is then
-a read of the schema version instead of several processes racing to create the same tables.
+uvicorn with MASKTUNE_API_WORKERS processes on MASKTUNE_API_HOST:MASKTUNE_API_PORT. Unless
+MASKTUNE_MIGRATE_ON_START is false (compose: its one-shot ``migrate`` service does it), the
+migrations are applied here, once, before the processes start; each process then finds the
+schema current at start-up (``api.app``'s lifespan) instead of racing the others to create it.
+With it false, the processes refuse to start on a schema that is not current.
 
 With several processes, their metrics go to a fresh folder (PROMETHEUS_MULTIPROC_DIR, set
 here before they start, removed when they stop), so a scrape of any of them counts all.
@@ -17,7 +18,7 @@ import tempfile
 
 import uvicorn
 
-from jobstore.db import migrate
+from jobstore.db import check_schema, migrate
 from jobstore.settings import get_settings
 
 from .metrics import MULTIPROC_DIR_ENV
@@ -27,7 +28,7 @@ from .observability import configure_logging, logging_config
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_format)
-    migrate(settings.database_url)
+    (migrate if settings.migrate_on_start else check_schema)(settings.database_url)
     # A temporary folder of this start, not one under the data dir, which API and worker
     # containers may share: another process's files must never be counted, nor a past run's.
     own_dir = None

@@ -9,7 +9,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from jobstore.db import migrate
+from jobstore.db import check_schema, migrate
 from jobstore.settings import get_settings
 
 from . import __version__, metrics
@@ -27,8 +27,9 @@ Every route but the health probes needs `Authorization: Bearer <key>`. Errors ar
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    configure_logging(get_settings().log_format)  # again for a bare `uvicorn api.app:app`; python -m api sets it first
-    await anyio.to_thread.run_sync(migrate, get_settings().database_url)
+    settings = get_settings()
+    configure_logging(settings.log_format)  # again for a bare `uvicorn api.app:app`; python -m api sets it first
+    await anyio.to_thread.run_sync(migrate if settings.migrate_on_start else check_schema, settings.database_url)
     yield
 
 
