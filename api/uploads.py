@@ -23,6 +23,7 @@ from jobstore.settings import Settings
 from .body_limit import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, content_length
 from .deps import lock_tenant, quota_exceeded, storage_used
 from .errors import ProblemError, validation_problem
+from .metrics import upload_accepted
 from .multipart import Form, multipart_boundary, read_form
 from .queue import send_task
 
@@ -75,6 +76,7 @@ async def accept_upload(request: Request, *, session: Session, settings: Setting
             raise quota_exceeded(used, quota, form.file.size_bytes)
         keep_and_queue(session, settings, row, task)
         done = True
+        upload_accepted(type(row).__name__.lower(), form.file.size_bytes)
         return row
 
     def cleanup() -> None:
