@@ -199,10 +199,12 @@ function epochCharts(events) {
   const firstFinetune = epochs.findIndex((e) => e.phase !== "erm");
   const dividers = firstFinetune > 0 ? [{ index: firstFinetune, caption: "finetune" }] : [];
   const series = (key, name) => ({ name, color: COLORS[key], values: epochs.map((e) => e[key] ?? null) });
+  // The accuracy axis ends at 1 and starts just below the lowest accuracy, so that close curves stay apart.
+  const lowest = Math.min(1, ...epochs.flatMap((e) => [e.train_accuracy, e.val_accuracy]).filter((v) => typeof v === "number"));
   return h("div", { class: "charts" },
     lineChart({ name: "loss", title: "Training loss per epoch", labels, dividers,
                 series: [series("train_loss", "train loss")] }),
-    lineChart({ name: "accuracy", title: "Accuracy per epoch", labels, dividers, range: [0, 1],
+    lineChart({ name: "accuracy", title: "Accuracy per epoch", labels, dividers, range: [lowest, 1],
                 series: [series("train_accuracy", "train"), series("val_accuracy", "val")] }));
 }
 
@@ -243,10 +245,11 @@ function comparisonTable(metrics, split) {
     h("thead", {}, h("tr", {}, h("th", {}, split), h("th", {}, "images"), methods.map((m) => h("th", { "data-method": m }, methodName(m))))),
     h("tbody", {}, rows.map(([label, path, count]) => {
       const values = methods.map((m) => path.reduce((node, key) => node?.[key], metrics[m]?.[split]));
-      const best = Math.max(...values.filter((v) => typeof v === "number"));
+      const numbers = values.filter((v) => typeof v === "number");
+      const best = Math.min(...numbers) < Math.max(...numbers) ? Math.max(...numbers) : null;  // bold only a real lead
       return h("tr", { "data-row": path.join("/") }, h("th", {}, label), h("td", { class: "count" }, count ?? ""),
         methods.map((m, i) => h("td", {
-          class: `num${values[i] === best && methods.length > 1 ? " best" : ""}`, "data-method": m,
+          class: `num${values[i] === best ? " best" : ""}`, "data-method": m,
           "data-path": path.join("/"), title: path[0].startsWith("worst_") ? metrics[m]?.[split]?.[path[0].replace("_accuracy", "")] : null,
         }, fmt(values[i]))));
     })));
@@ -292,13 +295,13 @@ async function resultsSection(job, objectUrls) {
   tabs.append(...splits.map((split) => h("button", { type: "button", role: "tab", "data-split": split, onclick: () => show(split) }, split)));
   show(splits.includes("val") ? "val" : splits[0]);
 
-  const section = h("section", { id: "results" },
-    verdictBox(metrics.verdict ?? job.metrics.verdict, metrics.masking),
-    h("section", { class: "card" }, h("h2", {}, "ERM vs MaskTune"), tabs, holder),
-    h("section", { class: "card" }, h("h2", {}, "Downloads"), h("ul", { class: "downloads" }, artifacts.map((a) =>
-      h("li", {}, h("button", { type: "button", class: "link", "data-artifact": a.name,
-                                onclick: () => saveArtifact(job.id, a.name).catch((e) => banner(describe(e))) }, a.name),
-        ` ${bytes(a.size_bytes)}`)))));
+  const downloads = h("section", { class: "card" }, h("h2", {}, "Downloads"), h("ul", { class: "downloads" }, artifacts.map((a) =>
+    h("li", {}, h("button", { type: "button", class: "link", "data-artifact": a.name,
+                              onclick: () => saveArtifact(job.id, a.name).catch((e) => banner(describe(e))) }, a.name),
+      ` ${bytes(a.size_bytes)}`))));
+  const section = h("section", { id: "results" }, h("div", { class: "columns" },
+    h("div", {}, verdictBox(metrics.verdict ?? job.metrics.verdict, metrics.masking), downloads),
+    h("section", { class: "card" }, h("h2", {}, "ERM vs MaskTune"), tabs, holder)));
   if (artifacts.some((a) => a.name === "previews.png")) {
     const url = URL.createObjectURL(await api(`/v1/jobs/${job.id}/artifacts/previews.png`, { as: "blob" }));
     objectUrls.push(url);

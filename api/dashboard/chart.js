@@ -2,7 +2,7 @@
 // phase starts (ERM -> finetune). Points are SVG circles, one per value, with the value as a tooltip.
 
 const SVG = "http://www.w3.org/2000/svg";
-const WIDTH = 560, HEIGHT = 230;
+const WIDTH = 560, HEIGHT = 200;
 const PAD = { left: 48, right: 12, top: 28, bottom: 34 };
 
 function el(tag, attrs = {}, text) {
@@ -59,7 +59,9 @@ export function lineChart({ name, title, labels, series, range, dividers = [] })
     if (index <= 0 || index >= labels.length) continue;
     const at = (x(index - 1) + x(index)) / 2;
     svg.append(el("line", { x1: at, x2: at, y1: PAD.top, y2: PAD.top + plotH, class: "divider" }));
-    svg.append(el("text", { x: at + 4, y: PAD.top + 10, class: "tick" }, caption));
+    const right = index < labels.length / 2;  // the caption on the side with more room
+    svg.append(el("text", { x: right ? at + 4 : at - 4, y: PAD.top + 10, "text-anchor": right ? "start" : "end",
+                            class: "tick" }, caption));
   }
 
   let legendX = WIDTH - PAD.right;
