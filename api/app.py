@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from jobstore.db import check_schema, migrate
 from jobstore.settings import get_settings
@@ -40,6 +43,15 @@ app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_uplo
 app.add_middleware(ObservabilityMiddleware)  # added last: outermost, it sees the body limit's refusals too
 for module in (health, datasets, models, jobs, architectures, metrics):
     app.include_router(module.router)
+
+# The dashboard: static files that call the API above from the browser (outside the OpenAPI schema).
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"
+app.mount("/dashboard", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")
+
+
+@app.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    return RedirectResponse("/dashboard/")
 
 
 def _openapi() -> dict[str, Any]:
