@@ -1,4 +1,7 @@
-"""A Python client and the ``masktune`` command for the MaskTune Service API (httpx and pydantic only)."""
+"""A Python client and the ``masktune`` command for the MaskTune Service API.
+
+httpx and pydantic; of the service's own code only ``jobstore.statuses`` (the status names).
+"""
 
 from .client import DEFAULT_URL, MaskTuneClient
 from .errors import ApiError, TransferError

@@ -16,6 +16,8 @@ import httpx
 from pydantic import BaseModel
 from tqdm import tqdm
 
+from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
+
 from .client import DEFAULT_URL, MaskTuneClient
 from .errors import ApiError, TransferError
 from .models import Dataset, Event, Job
@@ -157,8 +159,8 @@ class JobProgress:
             self._write(_epoch_line(data, event.message), event.message)
         elif event.kind == "status":
             status = data.get("status") or "status"
-            if status in ("succeeded", "failed", "cancelled"):
-                self._end_stage(done=status == "succeeded")
+            if status in TERMINAL:
+                self._end_stage(done=status == JobStatus.SUCCEEDED)
             # A succeeded job's status message is its verdict, often just shown as a warning.
             repeated = event.message == self.last_message
             self._write(f"job {status}" if repeated else f"job {status}: {event.message}", event.message)
@@ -253,7 +255,7 @@ def _wait_job(client: MaskTuneClient, args: argparse.Namespace, job: Job) -> Job
 
 
 def _job_outcome(args: argparse.Namespace, job: Job) -> int:
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         return OK
     if job.error is not None:
         _say(args, f"job {job.id} {job.status}: {job.error.code}: {job.error.message}")
@@ -278,7 +280,7 @@ def cmd_datasets_upload(client, args):
     if args.wait:
         dataset = _wait_dataset(client, args, dataset)
     _show(args, dataset)
-    return FAILED if dataset.status == "invalid" else OK
+    return FAILED if dataset.status == UploadStatus.INVALID else OK
 
 
 def cmd_datasets_list(client, args):
@@ -308,7 +310,7 @@ def cmd_models_upload(client, args):
     if args.wait:
         model = client.wait_model(model.id, timeout=args.timeout)
     _show(args, model)
-    return FAILED if model.status == "invalid" else OK
+    return FAILED if model.status == UploadStatus.INVALID else OK
 
 
 def cmd_models_list(client, args):
@@ -385,7 +387,7 @@ def cmd_run(client, args):
     config = _job_config(client, args)
     dataset = _wait_dataset(client, args, _upload(client, args, file))
     result: dict[str, Any] = {"dataset": _plain(dataset), "job": None, "artifacts": []}
-    if dataset.status != "ready":
+    if dataset.status != UploadStatus.READY:
         if args.output == "json":
             _emit_json(result)
         return FAILED
@@ -465,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", metavar="ID", help="start from these uploaded weights (model.weights_id)")
     sub.add_argument("--idempotency-key", metavar="KEY", help="the same key and config return the same job")
     sub = command(jobs, "list", cmd_jobs_list, "list jobs")
-    sub.add_argument("--status", choices=["queued", "running", "cancelling", "succeeded", "failed", "cancelled"])
+    sub.add_argument("--status", choices=[s.value for s in JobStatus])
     paging(sub)
     command(jobs, "get", cmd_jobs_get, "show a job").add_argument("id")
     command(jobs, "cancel", cmd_jobs_cancel, "cancel a job").add_argument("id")

@@ -22,6 +22,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from jobstore.statuses import UploadStatus
+
 from .errors import ApiError, TransferError, retry_after
 from .models import (
     ArchitectureList, Artifact, ArtifactList, Dataset, DatasetList, Event, EventList, Health, Job, JobList, Model,
@@ -232,7 +234,7 @@ class MaskTuneClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             current = read()
-            if current.status != "validating":  # type: ignore[attr-defined]
+            if current.status != UploadStatus.VALIDATING:  # type: ignore[attr-defined]
                 return current
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{what} is still validating after {timeout} s")

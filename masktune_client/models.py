@@ -1,7 +1,8 @@
 """What the API returns, as typed objects: the field names of its JSON bodies (see /openapi.json).
 
 Unknown fields are kept (``extra="allow"``), so a newer server's additions survive a round trip
-through ``model_dump()``; statuses are plain strings for the same reason.
+through ``model_dump()``; statuses are plain strings for the same reason (compare them with
+``jobstore.statuses``, the service's own definition: a dependency-free module).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+from jobstore.statuses import TERMINAL
 
 
 class _Body(BaseModel):
@@ -70,7 +71,7 @@ class Job(_Body):
 
     @property
     def finished(self) -> bool:
-        return self.status in TERMINAL_JOB_STATUSES
+        return self.status in TERMINAL
 
 
 class Event(_Body):
