@@ -143,8 +143,11 @@ def test_each_attempt_checks_the_addresses_and_sends_to_a_checked_one(receiver, 
     (never the name again), with the URL's host as the Host header."""
     import socket
 
-    from jobstore.webhooks import Attempt
+    from jobstore import webhooks
+
+    monkeypatch.setattr(webhooks, "_sender", webhooks._sender)  # importing the worker installs its own: undone after
     from worker.webhooks import post
+    Attempt = webhooks.Attempt
 
     port = receiver.server_address[1]
     answers = {"hooks.example": ["169.254.169.254", "127.0.0.1"], "rebound.example": ["169.254.169.254", "10.0.0.1"]}
@@ -216,3 +219,69 @@ def test_cancelled_jobs_and_stage_events(client, dataset, secret, receiver, stac
 
     with stack.client(stack.create_key("intruder")) as other:  # deliveries are the tenant's, like the job
         assert other.get(f"/v1/jobs/{running_job['id']}/webhook-deliveries").status_code == 404
+
+
+def test_outbox_rows_attempts_and_retry_policy(tmp_path, monkeypatch):
+    """In process on SQLite: the message is written by the status event's transaction and handed to the
+    sender after the commit only; one attempt at a time; what each answer leads to; the reconciler's pick."""
+    from sqlalchemy import select, update
+
+    from jobstore import webhooks
+    from jobstore.db import migrate, session_scope
+    from jobstore.jobs import add_event, update_job
+    from jobstore.models import Dataset, Job, Tenant, WebhookDelivery, WebhookSecret
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    sent: list[str] = []
+    monkeypatch.setattr(webhooks, "_sender", sent.extend)
+    with session_scope(url) as session:
+        for row in (Tenant(id="ten_1", name="t"), WebhookSecret(tenant_id="ten_1", secret=webhooks.new_secret()),
+                    Dataset(id="ds_1", tenant_id="ten_1", filename="d.zip", size_bytes=1, sha256="0" * 64),
+                    *(Job(id=j, tenant_id="ten_1", dataset_id="ds_1", config={}, webhook_url="http://127.0.0.1:9/")
+                      for j in ("job_1", "job_2"))):
+            session.add(row)
+            session.flush()  # no relationships: the rows go in the order they are flushed
+    with session_scope(url) as session:
+        update_job(session, "job_1", status="failed", error_code="internal_error", error_message="boom")
+        add_event(session, "job_1", "status", "failed", data={"status": "failed"})
+        add_event(session, "job_1", "stage", "erm started", stage="erm")  # not in the default filter
+        assert sent == []  # nothing leaves before the commit
+    (message_id,) = sent
+    with pytest.raises(RuntimeError), session_scope(url) as session:  # a rolled-back change announces nothing
+        update_job(session, "job_2", status="cancelled")
+        add_event(session, "job_2", "status", "cancelled", data={"status": "cancelled"})
+        raise RuntimeError
+    assert sent == [message_id]
+
+    def attempt(message: str, http_status: int | None, max_attempts: int = 8) -> tuple[webhooks.Attempt, float | None]:
+        with session_scope(url) as session:
+            taken = webhooks.start_attempt(session, message, lease_s=60)
+            assert taken is not None and webhooks.start_attempt(session, message, lease_s=60) is None  # leased
+            retry_in = webhooks.record_attempt(session, taken, webhooks.Outcome(http_status, None, 1.0),
+                                               max_attempts=max_attempts, retry_base_s=15)
+        with session_scope(url) as session:  # no waiting here: the next attempt is due at once
+            session.execute(update(WebhookDelivery).where(WebhookDelivery.status == "pending")
+                            .values(next_attempt_at=webhooks.utcnow() - timedelta(seconds=1)))
+        return taken, retry_in
+
+    def state(message: str) -> tuple[str, int]:
+        with session_scope(url) as session:
+            row = session.scalar(select(WebhookDelivery).where(WebhookDelivery.id == message))
+            return row.status, row.attempts
+
+    first, retry_in = attempt(message_id, 500)
+    assert json.loads(first.body)["data"]["error"] == {"code": "internal_error", "message": "boom"} and retry_in == 15
+    assert [attempt(message_id, s)[1] for s in (None, 429, 408)] == [30, 60, 120]  # no answer, rate limited, timeout
+    with session_scope(url) as session:  # a message due for longer than the reconcile interval is re-sent, once
+        session.execute(update(WebhookDelivery).values(next_attempt_at=webhooks.utcnow() - timedelta(minutes=5)))
+    with session_scope(url) as session:
+        assert webhooks.due_messages(session, overdue_s=60, limit=10) == [message_id]
+        assert webhooks.due_messages(session, overdue_s=60, limit=10) == []
+    assert attempt(message_id, 503, max_attempts=5)[1] is None and state(message_id) == ("failed", 5)  # out of attempts
+
+    with session_scope(url) as session:
+        update_job(session, "job_2", status="cancelled")
+        add_event(session, "job_2", "status", "cancelled", data={"status": "cancelled"})
+    refused_id = sent[-1]
+    assert attempt(refused_id, 404)[1] is None and state(refused_id) == ("failed", 1)  # the receiver refused it

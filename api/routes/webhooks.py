@@ -6,10 +6,9 @@ sent by the worker; the API only reads them.
 
 from __future__ import annotations
 
+from fastapi import APIRouter
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
-
-from fastapi import APIRouter
 
 from jobstore import models as tables
 from jobstore import webhook_urls, webhooks
