@@ -9,7 +9,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from jobstore.db import migrate
+from jobstore.db import check_schema, migrate
 from jobstore.settings import get_settings
 
 from . import __version__
@@ -26,7 +26,8 @@ Every route but the health probes needs `Authorization: Bearer <key>`. Errors ar
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await anyio.to_thread.run_sync(migrate, get_settings().database_url)
+    settings = get_settings()
+    await anyio.to_thread.run_sync(migrate if settings.migrate_on_start else check_schema, settings.database_url)
     yield
 
 

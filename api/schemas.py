@@ -9,7 +9,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from jobspec import JobConfig, is_architecture_name
 from jobstore import models as tables
-from jobstore.jobs import STATUSES
+from jobstore.statuses import JobStatus, UploadStatus
+
+# What a client can see of an upload (a deleted one is gone from every answer).
+UploadState = Literal[UploadStatus.VALIDATING, UploadStatus.READY, UploadStatus.INVALID]
 
 
 
@@ -29,7 +32,7 @@ class Dataset(BaseModel):
     sha256: str = Field(description="sha256 of the upload's bytes, or of source_url's listing (keys, sizes, ETags), "
                                     "set by validation: it changes when the data does.")
     source_url: str | None = Field(None, description="Where a dataset registered by URL lives (normalised); null for uploads.")
-    status: Literal["validating", "ready", "invalid"] = Field(
+    status: UploadState = Field(
         description="validating: a worker is checking the archive; ready: usable by jobs; invalid: see error.")
     error: str | None = None
     summary: dict[str, Any] | None = Field(None, description="What validation found (classes, splits, counts, groups).")
@@ -60,7 +63,7 @@ class Model(BaseModel):
     num_classes: int
     size_bytes: int
     sha256: str
-    status: Literal["validating", "ready", "invalid"]
+    status: UploadState
     error: str | None = None
     created_at: Timestamp
     updated_at: Timestamp
@@ -109,7 +112,7 @@ class JobError(BaseModel):
 class Job(BaseModel):
     id: str = Field(examples=["job_0123456789abcdef0123"])
     object: Literal["job"] = "job"
-    status: Literal[STATUSES]  # type: ignore[valid-type]
+    status: JobStatus
     stage: str | None = Field(None, description="While running: prepare, erm, saliency, finetune, jtt_identify, jtt, "
                                                 "dfr, evaluate, export (those of the job's methods).")
     progress: float = Field(description="0..1 within the whole run.")

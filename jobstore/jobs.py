@@ -22,9 +22,8 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Job, JobEvent, utcnow
+from .statuses import TERMINAL, JobStatus
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 ClaimResult = Literal["claimed", "exhausted", "busy"]
 
 
@@ -51,10 +50,10 @@ def _give_up(session: Session, job_id: str, where: list, max_attempts: int) -> b
     message = (f"The job was started {max_attempts} times and its worker vanished each time (e.g. killed for "
                f"running out of memory); giving up after MASKTUNE_MAX_ATTEMPTS={max_attempts}.")
     result = session.execute(update(Job).where(Job.id == job_id, *where, Job.attempts >= max_attempts).values(
-        status="failed", error_code="too_many_attempts", error_message=message, claim_token=None,
+        status=JobStatus.FAILED, error_code="too_many_attempts", error_message=message, claim_token=None,
         finished_at=utcnow(), updated_at=utcnow()))
     if result.rowcount == 1:
-        add_event(session, job_id, "status", message, data={"status": "failed", "code": "too_many_attempts"})
+        add_event(session, job_id, "status", message, data={"status": JobStatus.FAILED, "code": "too_many_attempts"})
     return result.rowcount == 1
 
 
@@ -65,14 +64,14 @@ def claim_job(session: Session, job_id: str, token: str, *, heartbeat_timeout_s:
     failed with too_many_attempts instead. busy: queued for nobody, terminal, deleted, or
     another worker holds a fresh claim; drop the message.
     """
-    claimable = or_(Job.status == "queued", and_(Job.status == "running", heartbeat_stale(heartbeat_timeout_s)))
+    claimable = or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, heartbeat_stale(heartbeat_timeout_s)))
     now = utcnow()
     result = session.execute(update(Job).where(Job.id == job_id, claimable, Job.attempts < max_attempts).values(
-        status="running", attempts=Job.attempts + 1, claim_token=token, heartbeat_at=now, updated_at=now,
+        status=JobStatus.RUNNING, attempts=Job.attempts + 1, claim_token=token, heartbeat_at=now, updated_at=now,
         started_at=func.coalesce(Job.started_at, now)))
     if result.rowcount == 1:
         attempt = session.scalar(select(Job.attempts).where(Job.id == job_id))
-        add_event(session, job_id, "status", f"attempt {attempt} started", data={"status": "running", "attempt": attempt})
+        add_event(session, job_id, "status", f"attempt {attempt} started", data={"status": JobStatus.RUNNING, "attempt": attempt})
         return "claimed"
     return "exhausted" if _give_up(session, job_id, [claimable], max_attempts) else "busy"
 
@@ -85,7 +84,7 @@ class FreshClaim(NamedTuple):
 def fresh_claim(session: Session, job_id: str, heartbeat_timeout_s: float) -> FreshClaim | None:
     """The claim of the attempt running the job with a fresh heartbeat; None when no attempt does."""
     row = session.execute(select(Job.claim_token, Job.heartbeat_at).where(
-        Job.id == job_id, Job.status == "running", ~heartbeat_stale(heartbeat_timeout_s))).one_or_none()
+        Job.id == job_id, Job.status == JobStatus.RUNNING, ~heartbeat_stale(heartbeat_timeout_s))).one_or_none()
     if row is None:
         return None
     beat = row.heartbeat_at if row.heartbeat_at.tzinfo else row.heartbeat_at.replace(tzinfo=timezone.utc)  # SQLite: naive UTC
@@ -96,14 +95,14 @@ def recover_lost(session: Session, job_id: str, *, heartbeat_timeout_s: float, m
     """A running or cancelling job whose worker vanished: requeue it (the caller re-sends the task), cancel it
     if that was asked for, or fail it once it used all its attempts. None when its heartbeat came back meanwhile."""
     lost = [Job.id == job_id, heartbeat_stale(heartbeat_timeout_s)]
-    if session.execute(update(Job).where(*lost, Job.status == "cancelling").values(
-            status="cancelled", claim_token=None, finished_at=utcnow(), updated_at=utcnow())).rowcount:
-        add_event(session, job_id, "status", "worker lost while cancelling; cancelled", data={"status": "cancelled"})
+    if session.execute(update(Job).where(*lost, Job.status == JobStatus.CANCELLING).values(
+            status=JobStatus.CANCELLED, claim_token=None, finished_at=utcnow(), updated_at=utcnow())).rowcount:
+        add_event(session, job_id, "status", "worker lost while cancelling; cancelled", data={"status": JobStatus.CANCELLED})
         return "cancelled"
-    if _give_up(session, job_id, [*lost, Job.status == "running"], max_attempts):
+    if _give_up(session, job_id, [*lost, Job.status == JobStatus.RUNNING], max_attempts):
         return "failed"
-    if session.execute(update(Job).where(*lost, Job.status == "running").values(
-            status="queued", claim_token=None, sent_at=utcnow(), updated_at=utcnow())).rowcount:
-        add_event(session, job_id, "status", "worker lost; requeued", data={"status": "queued"})
+    if session.execute(update(Job).where(*lost, Job.status == JobStatus.RUNNING).values(
+            status=JobStatus.QUEUED, claim_token=None, sent_at=utcnow(), updated_at=utcnow())).rowcount:
+        add_event(session, job_id, "status", "worker lost; requeued", data={"status": JobStatus.QUEUED})
         return "requeued"
     return None

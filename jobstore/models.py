@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .statuses import JobStatus, UploadStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -53,7 +55,7 @@ class Dataset(Base):
     # Where the bytes are: an upload in our blob store (blob_key), or the tenant's own storage (source_url).
     blob_key: Mapped[str | None] = mapped_column(String(500), default=None)
     source_url: Mapped[str | None] = mapped_column(Text, default=None)
-    status: Mapped[str] = mapped_column(String(20), default="validating")  # validating | ready | invalid
+    status: Mapped[str] = mapped_column(String(20), default=UploadStatus.VALIDATING)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     summary: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -71,7 +73,7 @@ class Model(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     blob_key: Mapped[str] = mapped_column(String(500))
-    status: Mapped[str] = mapped_column(String(20), default="validating")
+    status: Mapped[str] = mapped_column(String(20), default=UploadStatus.VALIDATING)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -86,7 +88,7 @@ class Job(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"), default=None)
     config: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED, index=True)
     stage: Mapped[str | None] = mapped_column(String(20), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     report_catalog: bool = Field(True, description="Workers write their architectures and cached pretrained weights to the database when they start (GET /v1/architectures).")
     api_host: str = Field("127.0.0.1", description="Address the API binds (python -m api, the embedded start).")
     api_port: int = Field(8000, description="Port the API binds (python -m api, the embedded start).")
+    migrate_on_start: bool = Field(
+        True, description="The API applies the database migrations when it starts. Compose sets false: its one-shot "
+        "`migrate` service applies them before the API starts, and the API only checks the schema is current.")
+    bootstrap_tenant: str = Field("default", min_length=1, max_length=200,
+                                  description="Tenant of the first API key `python -m api.manage migrate --bootstrap-key` creates.")
+    bootstrap_api_key: str | None = Field(
+        None, min_length=20, description="The secret of that first key (at least 20 characters); unset: one is generated "
+        "and printed once. Used only while the database holds no API key.")
     api_workers: int = Field(1, ge=1, description="API processes python -m api runs (uvicorn workers): about one per core.")
     events_poll_interval_s: float = Field(1.0, gt=0, description="How often an event stream (GET /v1/jobs/{id}/events as text/event-stream) reads new events.")
     events_keepalive_s: float = Field(15.0, gt=0, description="An event stream sends a keep-alive comment this often, so proxies and clients keep it open.")

@@ -24,14 +24,17 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
+from jobstore import blob_keys
 from jobstore.blobs import BlobStore
 from jobstore.db import session_scope
-from jobstore.jobs import TERMINAL, heartbeat_stale, recover_lost
+from jobstore.jobs import heartbeat_stale, recover_lost
 from jobstore.models import Dataset, Job, Model, utcnow
 from jobstore.settings import Settings, get_settings
+from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
 
 from .celery_app import TASK_RECONCILE, app
-from .tasks import run_job, validate_dataset, validate_model
+from .job_run import run_job
+from .validation import validate_dataset, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def _ids(settings: Settings, query) -> list:
 
 
 def _recover_lost_jobs(settings: Settings) -> int:
-    rows = _ids(settings, select(Job.id).where(Job.status.in_(("running", "cancelling")),
+    rows = _ids(settings, select(Job.id).where(Job.status.in_((JobStatus.RUNNING, JobStatus.CANCELLING)),
                                                heartbeat_stale(settings.heartbeat_timeout_s)))
     for (job_id,) in rows:
         with session_scope(settings.database_url) as session:
@@ -90,15 +93,15 @@ def _resend_queued_jobs(settings: Settings) -> int:
     """
     cutoff = utcnow() - timedelta(seconds=2 * settings.reconcile_interval_s)
     with session_scope(settings.database_url) as session:
-        queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+        queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED))
     missing = queued - _waiting(settings.jobs_queue)
     if missing <= 0:
         return 0
-    rows = _ids(settings, select(Job.id).where(Job.status == "queued", Job.sent_at < cutoff).order_by(Job.sent_at))
+    rows = _ids(settings, select(Job.id).where(Job.status == JobStatus.QUEUED, Job.sent_at < cutoff).order_by(Job.sent_at))
     resent = 0
     for (job_id,) in rows[:missing]:
         with session_scope(settings.database_url) as session:
-            claimed = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.sent_at < cutoff)
+            claimed = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.sent_at < cutoff)
                                       .values(sent_at=utcnow())).rowcount
         if claimed:
             log.warning("job %s: queued, but the broker holds %d fewer messages than there are queued jobs; re-sent",
@@ -112,9 +115,9 @@ def _resend_validations(settings: Settings) -> int:
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
     resent = 0
     for table, task in ((Dataset, validate_dataset), (Model, validate_model)):
-        for (upload_id,) in _ids(settings, select(table.id).where(table.status == "validating", table.updated_at < cutoff)):
+        for (upload_id,) in _ids(settings, select(table.id).where(table.status == UploadStatus.VALIDATING, table.updated_at < cutoff)):
             with session_scope(settings.database_url) as session:
-                claimed = session.execute(update(table).where(table.id == upload_id, table.status == "validating",
+                claimed = session.execute(update(table).where(table.id == upload_id, table.status == UploadStatus.VALIDATING,
                                                               table.updated_at < cutoff).values(updated_at=utcnow())).rowcount
             if claimed:
                 log.warning("%s %s: validating since before %s; validation re-sent", table.__tablename__, upload_id, cutoff)
@@ -129,7 +132,7 @@ def _expire_work_areas(settings: Settings) -> int:
                                                Job.work_expired_at.is_(None)))
     blobs = BlobStore(settings.blob_url) if rows else None
     for (job_id,) in rows:
-        blobs.delete_prefix(f"jobs/{job_id}/work")
+        blobs.delete_prefix(blob_keys.job_work(job_id))
         shutil.rmtree(settings.work_dir / job_id, ignore_errors=True)  # a killed attempt's leftovers, if on this machine
         with session_scope(settings.database_url) as session:
             session.execute(update(Job).where(Job.id == job_id).values(work_expired_at=utcnow()))

@@ -21,9 +21,11 @@ from jobspec import is_architecture_name
 from jobstore import models as tables
 from jobstore.db import autocommit, session_scope
 from jobstore.ids import new_id
-from jobstore.jobs import STATUSES, TERMINAL, add_event, update_job
+from jobstore import blob_keys
+from jobstore.jobs import add_event, update_job
 from jobstore.models import utcnow
 from jobstore.settings import TASK_RUN_JOB, Settings
+from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
 from jobstore.tenants import tenant_for_key
 
 from .. import schemas
@@ -36,8 +38,6 @@ from ..uploads import is_json
 
 log = logging.getLogger("api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
 
 
 def _request_hash(body: schemas.JobCreate) -> str:
@@ -58,9 +58,9 @@ def _by_key(session: Session, tenant: str, key: str) -> tables.Job | None:
 
 
 def _usable(kind: str, status: str, object_id: str, error: str | None) -> None:
-    if status == "validating":
+    if status == UploadStatus.VALIDATING:
         raise ProblemError(409, f"{kind}_not_ready", f"The {kind} {object_id} is still being validated; retry shortly.")
-    if status != "ready":
+    if status != UploadStatus.READY:
         raise ProblemError(422, f"{kind}_invalid", f"The {kind} {object_id} is not usable: {error or status}.")
 
 
@@ -155,7 +155,7 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
             return _replay(existing, request_hash)
     check_job_slots(session, tenant, settings.max_active_jobs_per_tenant)
     job = tables.Job(id=new_id("job"), tenant_id=tenant, dataset_id=body.dataset_id, model_id=body.model.weights_id,
-                     config=body.config(), status="queued", idempotency_key=idempotency_key, request_hash=request_hash)
+                     config=body.config(), status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=request_hash)
     session.add(job)
     try:
         session.commit()
@@ -212,10 +212,10 @@ def delete_job(job_id: str, session: SessionDep, tenant: TenantDep, blobs: Blobs
     for table, object_id, column in ((tables.Dataset, job.dataset_id, tables.Job.dataset_id),
                                      (tables.Model, job.model_id, tables.Job.model_id)):
         if object_id is not None and session.scalar(select(tables.Job.id).where(column == object_id).limit(1)) is None:
-            session.execute(delete(table).where(table.id == object_id, table.status == "deleted"))
+            session.execute(delete(table).where(table.id == object_id, table.status == UploadStatus.DELETED))
     session.commit()
     # After the commit: at worst a failed delete leaves unreachable bytes, never a job without its files.
-    blobs.delete_prefix(f"jobs/{job.id}")
+    blobs.delete_prefix(blob_keys.job_prefix(job.id))
     return Response(status_code=204)
 
 
@@ -224,13 +224,13 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.J
     """A queued job is cancelled at once; a running one becomes `cancelling` and the worker stops at
     its next batch. Cancelling a cancelling or finished job changes nothing. Returns the job."""
     job = get_owned(session, tables.Job, job_id, tenant, lock="update")  # the worker's writes wait meanwhile
-    if job.status == "queued":
-        if update_job(session, job.id, status="cancelled", cancel_requested=True, finished_at=utcnow()):
-            add_event(session, job.id, "status", "Cancelled before it started.", data={"status": "cancelled"})
-    elif job.status == "running":
-        if update_job(session, job.id, status="cancelling", cancel_requested=True):
+    if job.status == JobStatus.QUEUED:
+        if update_job(session, job.id, status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow()):
+            add_event(session, job.id, "status", "Cancelled before it started.", data={"status": JobStatus.CANCELLED})
+    elif job.status == JobStatus.RUNNING:
+        if update_job(session, job.id, status=JobStatus.CANCELLING, cancel_requested=True):
             add_event(session, job.id, "status", "Cancellation requested; stopping at the next batch.",
-                      data={"status": "cancelling"})
+                      data={"status": JobStatus.CANCELLING})
     session.commit()
     session.refresh(job)
     return schemas.Job.of(job)
