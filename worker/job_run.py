@@ -27,6 +27,7 @@ from masktune_core import JobCancelled, MaskTuneError, MaskTuneRun, ProgressEven
 from masktune_core import runfolder as rf
 from masktune_core.metrics import headline
 
+from . import metrics as job_metrics  # not `metrics`: the run's results go by that name here
 from .celery_app import app
 from .dataset_cache import DatasetCache, prune
 from .inputs import extraction_limits, fetch_dataset
@@ -57,6 +58,7 @@ def run_job(self, job_id: str, waited_for: str | None = None) -> None:
         holder = fresh_claim(session, job_id, settings.heartbeat_timeout_s) if outcome == "busy" else None
     if outcome == "exhausted":
         log.warning("job %s failed: too many attempts (max %d)", job_id, settings.max_attempts)
+        job_metrics.job_finished(JobStatus.FAILED)
     elif holder is not None and holder.token != waited_for:
         countdown = holder.stale_in_s + STALE_CLAIM_MARGIN_S
         log.info("job %s: claim %s is fresh; this delivery comes back in %.1f s, when it is stale unless its worker lives",
@@ -67,7 +69,7 @@ def run_job(self, job_id: str, waited_for: str | None = None) -> None:
     else:
         workspace = Workspace(BlobStore(settings.blob_url), settings.work_dir, job_id, token)
         try:
-            with Claim(settings, job_id, token) as claim:
+            with Claim(settings, job_id, token) as claim, job_metrics.job_run(job_id):
                 _run_claimed(settings, claim, workspace)
         finally:
             workspace.remove()
@@ -163,6 +165,7 @@ class JobReporter:
     def __call__(self, event: ProgressEvent) -> None:
         if self.claim.lost:
             return
+        job_metrics.on_event(event)
         now = time.monotonic()
         # A resumed ERM reports where it picked up: kept as an event, so clients (and tests) see it.
         keep = event.kind in ("stage", "info", "epoch", "warning") or "resumed_from_epoch" in event.data
@@ -216,6 +219,7 @@ def _finish(settings: Settings, claim: Claim, status: JobStatus, message: str, a
     """The terminal write, with the artifact rows, in one transaction: only while the claim holds."""
     with session_scope(settings.database_url) as session:
         if claim.write(session, status=status, finished_at=utcnow(), **fields):
+            job_metrics.job_finished(status)
             for artifact in artifacts:
                 session.merge(artifact)
             add_event(session, claim.job_id, "status", message, data={"status": status})
