@@ -13,7 +13,7 @@ import pytest
 
 from stack import Stack, running
 from test_api import upload_dataset as upload_tiny_archive
-from test_service_e2e import wait_for
+from test_service_e2e import SMALL_JOB, wait_for
 
 LIMIT_S = 3600  # the stack's MASKTUNE_MAX_RUNTIME_S_LIMIT: below the 24 h default, which it then caps
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -115,8 +115,7 @@ def test_max_runtime_limit_and_default(client, dataset):
 
 
 def test_estimated_finish_while_running(client, dataset):
-    body = {"dataset_id": dataset["id"], "erm": {"epochs": 6, "batch_size": 64}, "masking": {"batch_size": 64},
-            "preview_count": 2}
+    body = {"dataset_id": dataset["id"], **SMALL_JOB}  # 3 ERM epochs, then 1 of finetuning
     job = create(client, body).json()
     assert job["status"] == "queued" and job["estimated_finish"] is None
     seen = []  # (when asked, the estimate) while running
@@ -188,3 +187,29 @@ def test_deadline_rules_on_sqlite(tmp_path):
         assert s.execute(select(Job.status, Job.error_code, Job.claim_token).where(Job.id == "job_a")).one() == \
             ("failed", "timeout", None)
         assert not time_out(s, "job_a", 60, grace_s=5)  # terminal stays terminal
+
+
+def test_finish_estimate_counts_the_epochs_left():
+    """The worker's estimate: the mean epoch time of the current stage times the epochs left, saliency
+    passes and evaluate counted as one epoch each."""
+    from masktune_core import JobConfig, ProgressEvent
+    from worker.estimate import FinishEstimate
+
+    def event(kind, stage, **data):
+        return ProgressEvent(kind, stage, 0.5, 0.5, data=data)
+
+    config = JobConfig.model_validate({"erm": {"epochs": 4}, "finetune": {"epochs": 2}, "masktune_iterations": 2})
+    estimate = FinishEstimate(config)
+    assert estimate.seconds_left(event("stage", "prepare"), 0.0) is None
+    assert estimate.seconds_left(event("stage", "erm"), 100.0) is None
+    # ERM epoch 1 of 4 took 10 s: 3 ERM epochs + 2 rounds x (saliency + 2 finetune epochs) + evaluate.
+    assert estimate.seconds_left(event("epoch", "erm", epoch=1, epochs=4), 110.0) == pytest.approx(10 * (3 + 2 * 3 + 1))
+    assert estimate.seconds_left(event("progress", "erm"), 115.0) is None
+    estimate.seconds_left(event("stage", "finetune", iteration=1), 200.0)
+    # Finetune round 1, epoch 1 of 2 took 8 s: 1 epoch + round 2 (saliency + 2 epochs) + evaluate.
+    assert estimate.seconds_left(event("epoch", "finetune", epoch=1, epochs=2, iteration=1), 208.0) == pytest.approx(8 * 5)
+
+    resumed = FinishEstimate(config)  # a new attempt resumes ERM after epoch 2: only its own epochs are timed
+    resumed.seconds_left(event("stage", "erm"), 0.0)
+    resumed.seconds_left(event("progress", "erm", resumed_from_epoch=2), 1.0)
+    assert resumed.seconds_left(event("epoch", "erm", epoch=3, epochs=4), 6.0) == pytest.approx(6 * (1 + 6 + 1))

@@ -128,8 +128,9 @@ def _gather_inputs(settings: Settings, claim: Claim, workspace: Workspace) -> Jo
         source = (dataset.blob_key, dataset.filename, dataset.source_url, dataset.sha256)
         cache = DatasetCache(workspace.blobs, settings.dataset_cache_dir, dataset.id, dataset.sha256)
         weights = (model.blob_key, model.filename) if model else None
-        deadline = job.deadline_at and (job.deadline_at if job.deadline_at.tzinfo else job.deadline_at.replace(tzinfo=timezone.utc))
-        max_runtime_s = job.max_runtime_s
+        max_runtime_s, deadline = job.max_runtime_s, job.deadline_at
+    if deadline is not None and deadline.tzinfo is None:
+        deadline = deadline.replace(tzinfo=timezone.utc)  # SQLite: naive UTC
     restored = workspace.restore()  # the work of earlier attempts, from any machine
     if restored:
         _note(settings, claim, f"resuming from {restored} stored work files", data={"restored_files": restored})
