@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from jobstore.blobs import BlobStore
 from jobstore.db import autocommit, new_session
+from jobstore.logs import annotate
 from jobstore.models import Artifact, Dataset, Job, Model, Tenant
 from jobstore.settings import Settings, get_settings
 from jobstore.statuses import ACTIVE, UploadStatus
@@ -129,6 +130,7 @@ def authenticate(session: Session, credentials: HTTPAuthorizationCredentials | N
     tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
         raise unauthorized("The API key is invalid or revoked.")
+    annotate(tenant=tenant)  # on the request's log lines from here on
     return tenant
 
 

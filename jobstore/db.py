@@ -10,6 +10,8 @@ from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -73,10 +75,28 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
-def migrate(url: str) -> None:
-    """Bring the database schema to the newest revision."""
-    _sqlite_folder(url)
+def _alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the database schema to the newest revision."""
+    _sqlite_folder(url)
+    command.upgrade(_alembic_config(url), "head")
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database is not at the revision this code needs (its migrations were not applied)."""
+
+
+def check_schema(url: str) -> None:
+    """Raise SchemaNotCurrent unless the database is at the newest revision; reads, never writes."""
+    head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+    with get_engine(url).connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current != head:
+        raise SchemaNotCurrent(f"the database schema is at revision {current or 'none (empty database)'}, this code "
+                               f"needs {head}: run `python -m api.manage migrate` (compose: the migrate service) first")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,9 +56,27 @@ class Settings(BaseSettings):
     report_catalog: bool = Field(True, description="Workers write their architectures and cached pretrained weights to the database when they start (GET /v1/architectures).")
     api_host: str = Field("127.0.0.1", description="Address the API binds (python -m api, the embedded start).")
     api_port: int = Field(8000, description="Port the API binds (python -m api, the embedded start).")
+    migrate_on_start: bool = Field(
+        True, description="The API applies the database migrations when it starts. Compose sets false: its one-shot "
+        "`migrate` service applies them before the API starts, and the API only checks the schema is current.")
+    bootstrap_tenant: str = Field("default", min_length=1, max_length=200,
+                                  description="Tenant of the first API key `python -m api.manage migrate --bootstrap-key` creates.")
+    bootstrap_api_key: str | None = Field(
+        None, min_length=20, description="The secret of that first key (at least 20 characters); unset: one is generated "
+        "and printed once. Used only while the database holds no API key.")
     api_workers: int = Field(1, ge=1, description="API processes python -m api runs (uvicorn workers): about one per core.")
     events_poll_interval_s: float = Field(1.0, gt=0, description="How often an event stream (GET /v1/jobs/{id}/events as text/event-stream) reads new events.")
     events_keepalive_s: float = Field(15.0, gt=0, description="An event stream sends a keep-alive comment this often, so proxies and clients keep it open.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines of the API and the workers: text, or one JSON object per line (timestamp, level, logger, "
+        "message; request_id and tenant in the API, job_id and stage in a job's worker process).")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Port of a worker's Prometheus exporter (GET /metrics on "
+                                     "every interface); 0 or empty: none. One port per worker process on a host.")
+
+    @field_validator("worker_metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: object) -> object:
+        return 0 if value == "" else value
 
     @field_validator("dataset_url_prefixes")
     @classmethod

@@ -28,6 +28,7 @@ from masktune_core import JobCancelled, MaskTuneError, MaskTuneRun, ProgressEven
 from masktune_core import runfolder as rf
 from masktune_core.metrics import headline
 
+from . import metrics as job_metrics  # not `metrics`: the run's results go by that name here
 from .celery_app import app
 from .dataset_cache import DatasetCache, prune
 from .estimate import FinishEstimate
@@ -65,6 +66,7 @@ def run_job(self, job_id: str, waited_for: str | None = None) -> None:
         holder = fresh_claim(session, job_id, settings.heartbeat_timeout_s) if outcome == "busy" else None
     if outcome == "exhausted":
         log.warning("job %s failed: too many attempts (max %d)", job_id, settings.max_attempts)
+        job_metrics.job_finished(JobStatus.FAILED)
     elif holder is not None and holder.token != waited_for:
         countdown = holder.stale_in_s + STALE_CLAIM_MARGIN_S
         log.info("job %s: claim %s is fresh; this delivery comes back in %.1f s, when it is stale unless its worker lives",
@@ -75,7 +77,7 @@ def run_job(self, job_id: str, waited_for: str | None = None) -> None:
     else:
         workspace = Workspace(BlobStore(settings.blob_url), settings.work_dir, job_id, token)
         try:
-            with Claim(settings, job_id, token) as claim:
+            with Claim(settings, job_id, token) as claim, job_metrics.job_run(job_id):
                 _run_claimed(settings, claim, workspace)
         finally:
             workspace.remove()
@@ -187,6 +189,7 @@ class JobReporter:
     def __call__(self, event: ProgressEvent) -> None:
         if self.claim.lost:
             return
+        job_metrics.on_event(event)
         now = time.monotonic()
         seconds_left = self.estimate.seconds_left(event, now)
         finish = {} if seconds_left is None else {"estimated_finish_at": utcnow() + timedelta(seconds=seconds_left)}
@@ -245,6 +248,7 @@ def _finish(settings: Settings, claim: Claim, status: JobStatus, message: str, a
     """The terminal write, with the artifact rows, in one transaction: only while the claim holds."""
     with session_scope(settings.database_url) as session:
         if claim.write(session, status=status, finished_at=utcnow(), **fields):
+            job_metrics.job_finished(status)
             for artifact in artifacts:
                 session.merge(artifact)
             code = {"code": fields["error_code"]} if "error_code" in fields else {}

@@ -22,7 +22,8 @@ from jobstore.statuses import ACTIVE, UploadStatus
 from .. import schemas
 from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems
-from ..uploads import Form, accept_upload, is_json, keep_and_queue, read_json_body
+from ..multipart import Form
+from ..uploads import accept_upload, is_json, keep_and_queue, read_json_body
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -60,7 +61,8 @@ async def create_dataset(request: Request, session: SessionDep, tenant: TenantDe
                               sha256=form.file.sha256, blob_key=blob_keys.dataset_upload(ds_id), status=UploadStatus.VALIDATING)
 
     row = await accept_upload(request, session=session, settings=settings, blobs=blobs, tenant=tenant,
-                              prefix=blob_keys.dataset_prefix(ds_id), task=TASK_VALIDATE_DATASET, make_row=make_row)
+                              key=blob_keys.dataset_upload(ds_id), prefix=blob_keys.dataset_prefix(ds_id),
+                              task=TASK_VALIDATE_DATASET, make_row=make_row)
     return schemas.Dataset.of(row)
 
 

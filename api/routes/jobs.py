@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated, AsyncIterator, Literal
+from typing import Annotated, AsyncIterator
 
 import anyio
 import anyio.to_thread

@@ -21,7 +21,8 @@ from jobstore.statuses import ACTIVE, UploadStatus
 from .. import schemas
 from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems, validation_problem
-from ..uploads import Form, accept_upload
+from ..multipart import Form
+from ..uploads import accept_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -72,8 +73,8 @@ async def create_model(request: Request, session: SessionDep, tenant: TenantDep,
                             blob_key=blob_keys.model_upload(mdl_id), status=UploadStatus.VALIDATING)
 
     row = await accept_upload(request, session=session, settings=settings, blobs=blobs, tenant=tenant,
-                              prefix=blob_keys.model_prefix(mdl_id), task=TASK_VALIDATE_MODEL, make_row=make_row,
-                              on_file=_check_before_storing)
+                              key=blob_keys.model_upload(mdl_id), prefix=blob_keys.model_prefix(mdl_id),
+                              task=TASK_VALIDATE_MODEL, make_row=make_row, on_file=_check_before_storing)
     return schemas.Model.of(row)
 
 
