@@ -24,7 +24,7 @@ from jobstore.ids import new_id
 from jobstore import blob_keys
 from jobstore.jobs import add_event, update_job
 from jobstore.models import utcnow
-from jobstore.settings import TASK_RUN_JOB, Settings
+from jobstore.settings import DEFAULT_MAX_RUNTIME_S, TASK_RUN_JOB, Settings
 from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
 from jobstore.tenants import tenant_for_key
 
@@ -107,6 +107,17 @@ def _has_val_groups(summary: dict, body: schemas.JobCreate) -> bool:
     return bool(summary.get("groups"))
 
 
+def _max_runtime_s(body: schemas.JobCreate, settings: Settings) -> int:
+    """The job's limit: as asked (422 past MASKTUNE_MAX_RUNTIME_S_LIMIT), else 24 h or the limit if lower."""
+    limit = settings.max_runtime_s_limit
+    if body.max_runtime_s is None:
+        return min(DEFAULT_MAX_RUNTIME_S, limit)
+    if body.max_runtime_s > limit:
+        raise validation_problem([{"loc": ["body", "max_runtime_s"], "type": "less_than_equal",
+                                   "msg": f"max_runtime_s can be at most {limit} s here (MASKTUNE_MAX_RUNTIME_S_LIMIT)."}])
+    return body.max_runtime_s
+
+
 async def json_body(request: Request) -> None:
     """415 unless the body is JSON: a Content-Type of application/json (or application/*+json).
 
@@ -146,6 +157,7 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
         if existing is not None:
             return _replay(existing, request_hash)
     _check_inputs(session, tenant, body)
+    max_runtime_s = _max_runtime_s(body, settings)
     # Count and insert under the tenant lock, so concurrent requests cannot all take the last slot.
     lock_tenant(session, tenant)
     if idempotency_key is not None:
@@ -155,7 +167,8 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
             return _replay(existing, request_hash)
     check_job_slots(session, tenant, settings.max_active_jobs_per_tenant)
     job = tables.Job(id=new_id("job"), tenant_id=tenant, dataset_id=body.dataset_id, model_id=body.model.weights_id,
-                     config=body.config(), status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=request_hash)
+                     config=body.config(), status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=request_hash,
+                     job_metadata=body.metadata, max_runtime_s=max_runtime_s)
     session.add(job)
     try:
         session.commit()
@@ -176,13 +189,42 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
     return schemas.Job.of(job)
 
 
-@router.get("", response_model=schemas.JobList, summary="List jobs, newest first", responses=problems(401, 422))
-def list_jobs(session: SessionDep, tenant: TenantDep,
+_METADATA_FILTER = re.compile(r"metadata\[(.*)\]", re.DOTALL)
+METADATA_QUERY = {"name": "metadata", "in": "query", "required": False, "style": "deepObject", "explode": True,
+                  "description": "Only jobs whose metadata holds every pair given as `metadata[key]=value`.",
+                  "schema": {"type": "object", "propertyNames": {"maxLength": schemas.METADATA_KEY_CHARS,
+                                                                   "pattern": schemas.METADATA_KEY_PATTERN},
+                             "additionalProperties": {"type": "string"}}}
+
+
+def _metadata_filters(request: Request) -> list:
+    """``?metadata[key]=value``, repeatable: jobs whose metadata holds every such pair."""
+    where = []
+    for name, value in request.query_params.multi_items():
+        match = _METADATA_FILTER.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            key = schemas.metadata_key(match.group(1))
+            schemas.metadata_value(value)
+        except ValueError as exc:
+            raise validation_problem([{"loc": ["query", name], "type": "value_error", "msg": str(exc)}]) from None
+        where.append(tables.Job.job_metadata[key].as_string() == value)
+    return where
+
+
+@router.get("", response_model=schemas.JobList, summary="List jobs, newest first", responses=problems(401, 422),
+            openapi_extra={"parameters": [METADATA_QUERY]})
+def list_jobs(request: Request, session: SessionDep, tenant: TenantDep,
               status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> schemas.JobList:
-    where = (tables.Job.status == status,) if status is not None else ()
-    rows, cursor = page_owned(session, tables.Job, tenant, limit=limit, after=after, where=where)
+    """Filters combine: `?status=running&metadata[team]=vision&metadata[stage]=prod` lists the
+    tenant's running jobs created with both of those metadata pairs. Pages follow with `?after=`
+    the `next_cursor` of the previous page (with the same filters)."""
+    where = [tables.Job.status == status] if status is not None else []
+    where += _metadata_filters(request)
+    rows, cursor = page_owned(session, tables.Job, tenant, limit=limit, after=after, where=tuple(where))
     return schemas.JobList(data=[schemas.Job.of(r) for r in rows], next_cursor=cursor)
 
 
