@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 from jobspec import JobConfig, is_architecture_name
 from jobstore import models as tables
@@ -93,6 +94,35 @@ class ModelForm(BaseModel):
         return value
 
 
+# Job metadata, as OpenAI's: at most 16 pairs of strings. A key can always be named in a
+# ?metadata[key]= filter, which the databases match against the stored JSON text of the key.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+METADATA_KEY_PATTERN = r'^[^\[\]"\\\x00-\x1f\x7f]+$'
+_METADATA_KEY = re.compile(METADATA_KEY_PATTERN)
+
+
+def metadata_key(key: str) -> str:
+    if not _METADATA_KEY.match(key):
+        raise ValueError('a metadata key cannot be empty or hold [, ], ", \\ or control characters')
+    return key
+
+
+def metadata_value(value: str) -> str:
+    if "\x00" in value:  # PostgreSQL keeps no NUL in text
+        raise ValueError("a metadata value cannot hold NUL characters")
+    return value
+
+
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS), AfterValidator(metadata_key)],
+         Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS), AfterValidator(metadata_value)]],
+    Field(max_length=METADATA_PAIRS),
+    WithJsonSchema({"type": "object", "maxProperties": METADATA_PAIRS,
+                    "propertyNames": {"maxLength": METADATA_KEY_CHARS, "pattern": METADATA_KEY_PATTERN},
+                    "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_CHARS},
+                    "examples": [{"team": "vision", "ticket": "ML-142"}]})]
+
+
 class JobCreate(JobConfig):
     """A job: the dataset to run on plus the full MaskTune configuration (every field has a default)."""
 
@@ -101,6 +131,13 @@ class JobCreate(JobConfig):
         "erm": {"epochs": 20, "lr": 0.01, "batch_size": 128}, "masking": {"method": "xgradcam", "threshold_std": 2.0},
         "finetune": {"epochs": 1}, "seed": 0}]})
     dataset_id: str = Field(min_length=1, max_length=64, description="A ready dataset (ds_...).")
+    metadata: Metadata = Field(
+        default_factory=dict, description=f"Up to {METADATA_PAIRS} string pairs of your own (keys up to {METADATA_KEY_CHARS} "
+        f"characters, values up to {METADATA_VALUE_CHARS}), returned with the job; GET /v1/jobs?metadata[key]=value filters by them.")
+    max_runtime_s: int | None = Field(
+        None, ge=1, description="Fail the job (error code timeout) this many seconds after its first start; default 86400 "
+                                "(24 h), at most MASKTUNE_MAX_RUNTIME_S_LIMIT (the README's Settings).")
+
     # Webhooks (README, Webhooks): stored with the job, not part of its config.
     webhook_url: str | None = Field(None, max_length=webhook_urls.MAX_URL_LENGTH, examples=["https://example.com/hooks/masktune"],
                                     description="http(s) URL to POST the job's events to, signed with the tenant's webhook "
@@ -116,7 +153,8 @@ class JobCreate(JobConfig):
 
     def config(self) -> dict[str, Any]:
         """The resolved JobConfig, as stored with the job."""
-        return self.model_dump(mode="json", exclude={"dataset_id", "webhook_url", "webhook_events_filter"})
+        return self.model_dump(mode="json", exclude={"dataset_id", "metadata", "max_runtime_s", "webhook_url",
+                                                      "webhook_events_filter"})
 
 
 class JobError(BaseModel):
@@ -128,7 +166,8 @@ class Job(BaseModel):
     id: str = Field(examples=["job_0123456789abcdef0123"])
     object: Literal["job"] = "job"
     status: JobStatus
-    stage: str | None = Field(None, description="While running: prepare, erm, saliency, finetune, evaluate, export.")
+    stage: str | None = Field(None, description="While running: prepare, erm, saliency, finetune, jtt_identify, jtt, "
+                                                "dfr, evaluate, export (those of the job's methods).")
     progress: float = Field(description="0..1 within the whole run.")
     dataset_id: str
     model_id: str | None = Field(None, description="The uploaded starting weights (config.model.weights_id), if any.")
@@ -136,6 +175,11 @@ class Job(BaseModel):
     attempts: int = Field(description="Deliveries to a worker so far.")
     error: JobError | None = None
     metrics: dict[str, Any] | None = Field(None, description="Headline metrics once succeeded (metrics.json has them all).")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Your pairs from the job's creation.")
+    max_runtime_s: int | None = Field(None, description="The job fails with error code timeout this long after its first start.")
+    estimated_finish: Timestamp | None = Field(
+        None, description="While running: when the worker expects it to finish, from the epoch times measured so far "
+                          "(null when queued, before the first epoch, and once finished).")
     created_at: Timestamp
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
@@ -150,8 +194,10 @@ class Job(BaseModel):
             error = JobError(code=row.error_code or "error", message=row.error_message or "")
         return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, dataset_id=row.dataset_id,
                    model_id=row.model_id, config=row.config, attempts=row.attempts, error=error,
-                   metrics=row.metrics_summary, created_at=row.created_at, started_at=row.started_at,
-                   finished_at=row.finished_at, updated_at=row.updated_at,
+                   metrics=row.metrics_summary, metadata=row.job_metadata or {}, max_runtime_s=row.max_runtime_s,
+                   estimated_finish=row.estimated_finish_at if row.status == JobStatus.RUNNING else None,
+                   created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+                   updated_at=row.updated_at,
                    webhook_url=row.webhook_url, webhook_events_filter=row.webhook_events_filter or list(DEFAULT_EVENTS))
 
 

@@ -171,6 +171,72 @@ class SelectiveConfig(_Strict):
         return self
 
 
+METHODS = ("masktune", "jtt", "dfr")
+
+
+class JttConfig(_Strict):
+    """Just Train Twice (Liu et al., ICML 2021, "Just Train Twice: Improving Group Robustness without Training
+    Group Information"; github.com/anniesch/jtt): an identification model trained for T epochs marks the training
+    images it gets wrong (the error set); a second model is trained from scratch on the training set with the
+    error set repeated ``upweight`` times. No group labels are read."""
+
+    epochs_identify: int | None = Field(
+        None, ge=1, le=1000,
+        description="T, the identification model's epochs. The paper's Waterbirds recipe is T=60 of 300 epochs "
+        "(lr 1e-5, weight decay 1.0; CelebA: T=1 of 50), tuned on group-labelled validation data. Default: a fifth "
+        "of erm.epochs (Waterbirds' ratio), at least 1, because absolute epoch counts do not carry over from "
+        "ResNet-50 on Waterbirds to other models and datasets. The identification model is the ERM run itself "
+        "(same start, optimizer and batches) stopped at epoch T, so when T <= erm.epochs its checkpoint is taken "
+        "from ERM; otherwise (or with erm.epochs = 0) it is trained for T epochs from ERM's starting weights.",
+    )
+    upweight: int = Field(
+        100, ge=1, le=10000,
+        description="lambda_up: each error-set image appears this many times in the retraining set, the paper's "
+        "objective (lambda_up times the loss of an error-set example); the reference code upsamples, adding lambda_up "
+        "copies to the training set. The paper's Waterbirds value is 100 (CelebA 50, MultiNLI and CivilComments 6), "
+        "kept as the default: it is about the majority-to-minority ratio of a 99%-biased set such as biased MNIST.",
+    )
+    lr: float | None = Field(
+        None, gt=0, le=10,
+        description="Retraining SGD learning rate. Default: erm.lr. The paper's Waterbirds value, 1e-5 with weight "
+        "decay 1.0 on an ImageNet ResNet-50, barely moves a small network trained from scratch, so the ERM settings "
+        "(tuned for this model and data) are inherited instead.",
+    )
+    weight_decay: float | None = Field(
+        None, ge=0, le=10, description="Retraining SGD weight decay. Default: erm.weight_decay (paper, Waterbirds: 1.0)."
+    )
+    epochs: int | None = Field(
+        None, ge=1, le=1000,
+        description="Retraining epochs over the upsampled set. Default: erm.epochs (the paper retrains for as long as "
+        "ERM, 300 epochs on Waterbirds). Model selection by validation worst-group accuracy, as in the paper, would "
+        "read group labels: the last epoch's model is kept.",
+    )
+
+
+class DfrConfig(_Strict):
+    """Deep Feature Reweighting (Kirichenko, Izmailov, Wilson, ICLR 2023, "Last Layer Re-Training is Sufficient
+    for Robustness to Spurious Correlations"; github.com/PolinaKirichenko/deep_feature_reweighting): the ERM
+    model's last layer is retrained on group-balanced validation data. Needs group labels on the validation split."""
+
+    c_grid: list[float] = Field(
+        [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01], min_length=1, max_length=20,
+        description="Inverse L1 strengths C tried for the logistic regression (the reference code's Waterbirds grid); "
+        "the one with the best worst-group accuracy on one half of the validation split, trained on the other "
+        "half, is kept.",
+    )
+    resamples: int = Field(
+        20, ge=1, le=200,
+        description="Group-balanced subsamples of the whole validation split the final head is trained on; their "
+        "coefficients are averaged (reference: 20).",
+    )
+
+    @model_validator(mode="after")
+    def _positive_c(self) -> DfrConfig:
+        if any(not 0 < c <= 1e6 for c in self.c_grid):
+            raise ValueError("c_grid values must lie in (0, 1e6]")
+        return self
+
+
 class RuntimeConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -236,6 +302,15 @@ class JobConfig(_Strict):
     accumulative_masking: bool = Field(
         False, description="With several rounds, compute later masks on the already-masked images and keep earlier masks (official option)."
     )
+    methods: list[Literal[METHODS]] = Field(  # type: ignore[valid-type]
+        ["masktune"], min_length=1, max_length=len(METHODS),
+        description="Methods run beside ERM (which always runs: every method starts from its model or its run) and "
+        "compared with it: masktune; jtt (Just Train Twice, Liu et al. 2021); dfr (Deep Feature Reweighting, "
+        "Kirichenko et al. 2023; needs group labels on the validation split). Group labels are read only by dfr and "
+        "by the evaluation.",
+    )
+    jtt: JttConfig = JttConfig()
+    dfr: DfrConfig = DfrConfig()
     selective: SelectiveConfig = SelectiveConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     preview_count: int = Field(8, ge=0, le=64, description="Training images shown in previews.png.")
@@ -251,3 +326,15 @@ class JobConfig(_Strict):
                 preset = {**preset, "model": {**preset["model"], "pretrained": False}}
             return _under(preset, values)
         return values
+
+    @model_validator(mode="after")
+    def _methods_once(self) -> JobConfig:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods lists a method twice")
+        if "jtt" in self.methods and self.jtt.epochs is None and self.erm.epochs == 0:
+            raise ValueError("jtt.epochs defaults to erm.epochs, which is 0 here: set jtt.epochs")
+        return self
+
+    def jtt_identify_epochs(self) -> int:
+        """T: jtt.epochs_identify, else a fifth of erm.epochs (at least 1)."""
+        return self.jtt.epochs_identify or max(1, round(self.erm.epochs / 5))

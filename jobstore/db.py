@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +28,9 @@ def _sqlite_folder(url: str) -> None:
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         _sqlite_folder(url)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # JSON as UTF-8 text: SQLite's JSON paths (?metadata[key]= filters) match a key only as written unescaped.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               json_serializer=partial(json.dumps, ensure_ascii=False))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _):

@@ -74,12 +74,38 @@ def claim_job(session: Session, job_id: str, token: str, *, heartbeat_timeout_s:
     now = utcnow()
     result = session.execute(update(Job).where(Job.id == job_id, claimable, Job.attempts < max_attempts).values(
         status=JobStatus.RUNNING, attempts=Job.attempts + 1, claim_token=token, heartbeat_at=now, updated_at=now,
-        started_at=func.coalesce(Job.started_at, now)))
+        started_at=func.coalesce(Job.started_at, now), estimated_finish_at=None))
     if result.rowcount == 1:
-        attempt = session.scalar(select(Job.attempts).where(Job.id == job_id))
+        attempt, started_at, max_runtime_s = session.execute(
+            select(Job.attempts, Job.started_at, Job.max_runtime_s).where(Job.id == job_id)).one()
+        if max_runtime_s is not None:  # counted from the first start: later attempts keep that deadline
+            session.execute(update(Job).where(Job.id == job_id, Job.deadline_at.is_(None)).values(
+                deadline_at=started_at + timedelta(seconds=max_runtime_s)))
         add_event(session, job_id, "status", f"attempt {attempt} started", data={"status": JobStatus.RUNNING, "attempt": attempt})
         return "claimed"
     return "exhausted" if _give_up(session, job_id, [claimable], max_attempts) else "busy"
+
+
+TIMEOUT = "timeout"  # the error code of a job stopped at its deadline
+
+
+def timeout_message(max_runtime_s: int) -> str:
+    return (f"The job ran past its max_runtime_s of {max_runtime_s} s, counted from its first start, "
+            "and was stopped; ask for a longer max_runtime_s (or fewer epochs).")
+
+
+def time_out(session: Session, job_id: str, max_runtime_s: int, grace_s: float) -> bool:
+    """Fail a queued or running job whose deadline passed more than ``grace_s`` ago (a running job's
+    worker stops it itself between batches; past the grace its worker is hung or gone)."""
+    now = utcnow()
+    result = session.execute(update(Job).where(
+        Job.id == job_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+        Job.deadline_at < now - timedelta(seconds=grace_s)).values(
+        status=JobStatus.FAILED, error_code=TIMEOUT, error_message=timeout_message(max_runtime_s), claim_token=None,
+        finished_at=now, updated_at=now))
+    if result.rowcount == 1:
+        add_event(session, job_id, "status", timeout_message(max_runtime_s), data={"status": JobStatus.FAILED, "code": TIMEOUT})
+    return result.rowcount == 1
 
 
 class FreshClaim(NamedTuple):

@@ -108,6 +108,13 @@ class Job(Base):
     sent_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     # When the reconciler deleted the work area (checkpoints, stage outputs) of the finished job.
     work_expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The client's own labels ("metadata" is taken on declarative classes, hence the attribute name).
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    # The run stops (failed, timeout) at deadline_at = the first start + max_runtime_s (null on rows older than the limit).
+    max_runtime_s: Mapped[int | None] = mapped_column(Integer, default=None)
+    deadline_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The worker's estimate, written at every epoch (worker.estimate).
+    estimated_finish_at: Mapped[datetime | None] = mapped_column(default=None)
     # Webhooks: where to POST the job's events, and which of them (None: the terminal ones).
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSON, default=None)

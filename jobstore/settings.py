@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .dataset_urls import normalize_url
 
 MIN_BEATS_PER_TIMEOUT = 3  # a job is presumed lost only after at least this many heartbeat intervals without one
+DEFAULT_MAX_RUNTIME_S = 24 * 3600  # a job's max_runtime_s when its body names none (capped by max_runtime_s_limit)
 
 
 class Settings(BaseSettings):
@@ -35,6 +36,10 @@ class Settings(BaseSettings):
         description='JSON {"tenant name": ["s3://bucket/prefix/", ...], "*": [...]}: where each tenant (or every tenant, "*") may '
                     "register a dataset by URL; empty: nowhere. Never inside the service's own blob store.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good (a worker that dies mid-job counts).")
+    max_runtime_s_limit: int = Field(
+        DEFAULT_MAX_RUNTIME_S, ge=1, description="The largest max_runtime_s a job may ask for; a job that names none gets "
+        f"{DEFAULT_MAX_RUNTIME_S} s (24 h), or this limit if lower. Raise visibility_timeout_s with it (Redis "
+        "redelivers a job still running past that).")
     visibility_timeout_s: int = Field(24 * 3600, ge=60, description="Redis redelivers an unacknowledged job after this long; must exceed the longest job.")
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress writes of a running job.")
     device: str | None = Field(None, description="Worker device (cpu, cuda, cuda:1); default: CUDA when present. A worker "

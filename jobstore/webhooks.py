@@ -69,9 +69,9 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z")
 
 
-# The job as a message carries it: the fields of GET /v1/jobs/{id} but the config (GET the job for it).
+# The job as a message carries it: the fields of GET /v1/jobs/{id} but the config and the estimates (GET the job for them).
 _JOB_COLUMNS = (Job.id, Job.status, Job.stage, Job.progress, Job.dataset_id, Job.model_id, Job.attempts, Job.error_code,
-                Job.error_message, Job.metrics_summary, Job.created_at, Job.started_at, Job.finished_at)
+                Job.error_message, Job.metrics_summary, Job.job_metadata, Job.created_at, Job.started_at, Job.finished_at)
 
 
 def job_data(row) -> dict:
@@ -79,7 +79,7 @@ def job_data(row) -> dict:
         if row.error_code or row.error_message else None
     return {"id": row.id, "object": "job", "status": row.status, "stage": row.stage, "progress": row.progress,
             "dataset_id": row.dataset_id, "model_id": row.model_id, "attempts": row.attempts, "error": error,
-            "metrics": row.metrics_summary, "created_at": _iso(row.created_at), "started_at": _iso(row.started_at),
+            "metrics": row.metrics_summary, "metadata": row.job_metadata or {}, "created_at": _iso(row.created_at), "started_at": _iso(row.started_at),
             "finished_at": _iso(row.finished_at)}
 
 

@@ -25,5 +25,11 @@ class ConfigError(MaskTuneError):
     code = "invalid_config"
 
 
+class DfrNeedsValGroups(ConfigError):
+    """methods includes dfr, which balances the validation split by group, on a dataset without group labels."""
+
+    code = "dfr_needs_val_groups"
+
+
 class JobCancelled(Exception):
     """Raised between batches when the caller's cancellation check says stop."""

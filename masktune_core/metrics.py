@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from . import runfolder as rf
+
 
 def _table(correct: torch.Tensor, keys: torch.Tensor, names: list[str]) -> dict[str, dict]:
     table = {}
@@ -60,6 +62,8 @@ def group_shares(groups: torch.Tensor, group_names: list[str] | None) -> dict[st
     return {name: (counts[i] / counts.sum()).item() for i, name in enumerate(group_names)}
 
 
+LABELS = {"erm": "ERM", "masktune": "MaskTune", "jtt": "JTT", "dfr": "DFR"}
+
 _GLOBAL_SHORTCUT_HINT = (
     "MaskTune helps when the model leans on a small, localized shortcut (a patch, a watermark) "
     "that saliency masking can cover; it can fail when the shortcut is global (a background, a "
@@ -67,6 +71,13 @@ _GLOBAL_SHORTCUT_HINT = (
     "(erm.safetensors), or try masking.checkpoint='last', more ERM epochs, a smaller "
     "finetune.batch_size or several masktune_iterations."
 )
+_WORSE_HINT = {
+    "masktune": _GLOBAL_SHORTCUT_HINT,
+    "jtt": "JTT helps when the images an early-stopped model gets wrong are mostly the minority groups; keep the ERM "
+           "model (erm.safetensors), or try another jtt.epochs_identify (earlier: fewer memorised errors) or jtt.upweight.",
+    "dfr": "DFR retrains the last layer on group-balanced validation images: with few images in the smallest validation "
+           "group it overfits them; keep the ERM model (erm.safetensors), or give the dataset a larger validation split.",
+}
 
 MIN_GROUP_IMAGES = 20  # fewer images in a group than this, and no call is made on it
 _Z95 = 1.959964
@@ -99,76 +110,123 @@ def _paired_bootstrap(before: list[np.ndarray], after: list[np.ndarray], seed: i
     return float(low), float(high)
 
 
-def verdict(erm_correct: torch.Tensor, masktune_correct: torch.Tensor, keys: torch.Tensor, names: list[str],
-            subset: str, split: str, masked_fraction: float | None, seed: int = 0) -> dict:
-    """Did MaskTune change the worst ``subset`` ("group", else "class") accuracy on ``split``, and does the
-    data say so? ``*_correct``: bool per image; ``keys``: each image's group (or class) index into ``names``.
+def verdict(erm_correct: torch.Tensor, method_correct: torch.Tensor, keys: torch.Tensor, names: list[str],
+            subset: str, split: str, masked_fraction: float | None = None, seed: int = 0, method: str = "masktune",
+            fit_on_split: bool = False) -> dict:
+    """Did ``method`` change the worst ``subset`` ("group", else "class") accuracy on ``split`` compared with ERM,
+    and does the data say so? ``*_correct``: bool per image; ``keys``: each image's group (or class) index into
+    ``names``. The method's own fields are named after it (``masktune``, ``masktune_worst``, ...).
 
     ``call`` is ``improved`` or ``worse`` only when every subset has at least MIN_GROUP_IMAGES images and
     the 95% paired-bootstrap interval of the change excludes zero; otherwise ``inconclusive``, and the
     message rests on what the data supports (the mean over subsets, each subset's change), never on a tie.
+    ``fit_on_split``: the method was fitted on these very images (DFR on val), so they can show it worse but
+    never improved. ``masked_fraction`` (MaskTune): masking nothing leaves nothing to judge.
     """
+    label, artifact = LABELS[method], rf.MODEL_ARTIFACTS[method]
     before, after, table = [], [], {}
     for i, name in enumerate(names):
         hit = keys == i
         if int(hit.sum()):
-            b, a = erm_correct[hit].numpy(), masktune_correct[hit].numpy()
+            b, a = erm_correct[hit].numpy(), method_correct[hit].numpy()
             before.append(b)
             after.append(a)
-            table[name] = {"count": len(b), "erm": float(b.mean()), "masktune": float(a.mean())}
+            table[name] = {"count": len(b), "erm": float(b.mean()), method: float(a.mean())}
     if not table:
         raise ValueError(f"no {split} images to judge")
     erm_worst = min(table, key=lambda g: table[g]["erm"])
-    mt_worst = min(table, key=lambda g: table[g]["masktune"])
+    new_worst = min(table, key=lambda g: table[g][method])
     smallest = min(table, key=lambda g: table[g]["count"])
-    change = table[mt_worst]["masktune"] - table[erm_worst]["erm"]
+    change = table[new_worst][method] - table[erm_worst]["erm"]
     low, high = _paired_bootstrap(before, after, seed)
     enough = table[smallest]["count"] >= MIN_GROUP_IMAGES
     masked_nothing = masked_fraction == 0
     call = "inconclusive" if not enough or masked_nothing or low <= 0 <= high else ("improved" if low > 0 else "worse")
+    if call == "improved" and fit_on_split:
+        call = "inconclusive"
 
     def interval(model: str, name: str) -> list[float]:
         return list(wilson_interval(round(table[name][model] * table[name]["count"]), table[name]["count"]))
 
     mean_before = sum(t["erm"] for t in table.values()) / len(table)
-    mean_after = sum(t["masktune"] for t in table.values()) / len(table)
+    mean_after = sum(t[method] for t in table.values()) / len(table)
     out = {
-        "split": split, "metric": f"worst_{subset}_accuracy", "call": call, "improved": call == "improved",
-        "erm": table[erm_worst]["erm"], "masktune": table[mt_worst]["masktune"], "change": change,
-        "erm_worst": erm_worst, "masktune_worst": mt_worst,
-        "erm_interval": interval("erm", erm_worst), "masktune_interval": interval("masktune", mt_worst),
+        "method": method, "split": split, "metric": f"worst_{subset}_accuracy", "call": call,
+        "improved": call == "improved", "erm": table[erm_worst]["erm"], method: table[new_worst][method],
+        "change": change, "erm_worst": erm_worst, f"{method}_worst": new_worst,
+        "erm_interval": interval("erm", erm_worst), f"{method}_interval": interval(method, new_worst),
         "change_interval": [low, high], "interval_method": f"95%: Wilson per {subset}; change: paired bootstrap "
         f"over {split} images within each {subset}, {BOOTSTRAP_RESAMPLES} resamples",
         "smallest": smallest, "smallest_count": table[smallest]["count"], "min_count_for_a_call": MIN_GROUP_IMAGES,
-        f"{subset}_mean": {"erm": mean_before, "masktune": mean_after},
-        f"per_{subset}": table, "masked_pixel_fraction": masked_fraction,
+        f"{subset}_mean": {"erm": mean_before, method: mean_after},
+        f"per_{subset}": table,
     }
+    if method == "masktune":
+        out["masked_pixel_fraction"] = masked_fraction
     what = f"{split} worst-{subset} accuracy"
     figures = (f"{table[erm_worst]['erm']:.3f} [{out['erm_interval'][0]:.2f}, {out['erm_interval'][1]:.2f}] -> "
-               f"{table[mt_worst]['masktune']:.3f} [{out['masktune_interval'][0]:.2f}, {out['masktune_interval'][1]:.2f}], "
+               f"{table[new_worst][method]:.3f} [{out[f'{method}_interval'][0]:.2f}, {out[f'{method}_interval'][1]:.2f}], "
                f"change {change:+.3f}")
     spread = f"(95% interval {low:+.2f} to {high:+.2f})"
     masked = f" It masked {masked_fraction:.1%} of the training pixels." if masked_fraction is not None else ""
     if call == "improved":
-        out["message"] = f"MaskTune raised {what}: {figures} {spread}."
+        out["message"] = f"{label} raised {what}: {figures} {spread}."
     elif call == "worse":
-        out["message"] = f"Warning: MaskTune lowered {what}: {figures} {spread}.{masked} {_GLOBAL_SHORTCUT_HINT}"
+        out["message"] = f"Warning: {label} lowered {what}: {figures} {spread}.{masked} {_WORSE_HINT[method]}"
     else:
         if masked_nothing:
             why = "MaskTune masked none of the training pixels, so it had no shortcut to remove"
         elif not enough:
             why = (f"the smallest {split} {subset} ({smallest}) has {table[smallest]['count']} images, too few to "
                    f"decide on (at least {MIN_GROUP_IMAGES} per {subset} are needed)")
+        elif fit_on_split and low > 0:
+            why = (f"{label} was fitted on these {split} images, so its gain on them is no evidence; a test split "
+                   "would show whether it holds")
         else:
             why = "the interval of the change includes zero"
-        others = ", ".join(f"{name} {t['erm']:.3f}->{t['masktune']:.3f} ({t['count']})" for name, t in table.items())
+        others = ", ".join(f"{name} {t['erm']:.3f}->{t[method]:.3f} ({t['count']})" for name, t in table.items())
         out["message"] = (
             f"Inconclusive: {why}. {what[0].upper() + what[1:]} {figures}; the difference could be anywhere from "
             f"{low:+.2f} to {high:+.2f}. What the data does show: mean {subset} accuracy {mean_before:.3f} -> "
             f"{mean_after:.3f}; per {subset} (images): {others}.{masked} Both models are in the artifacts "
-            f"(model.safetensors: MaskTune, erm.safetensors: ERM); a larger validation split "
+            f"({artifact}: {label}, erm.safetensors: ERM); a larger validation split "
             f"(data.val_fraction) would settle it.")
     return out
+
+
+def recommend(by_method: dict[str, dict]) -> dict:
+    """Which model to use, from the verdicts of each method against ERM (same split and metric): only a method
+    whose call is ``improved`` is recommended over ERM, the one with the highest worst-subset accuracy among
+    them. Without one, ERM stays the recommended model; when the calls are inconclusive the reason says so and
+    which way the point estimates lean, without claiming ERM is better."""
+    improved = {m: v for m, v in by_method.items() if v["call"] == "improved"}
+    first = next(iter(by_method.values()))
+    what = f"{first['split']} worst-{first['metric'].split('_')[1]} accuracy"
+
+    def figures(m: str) -> str:
+        v = by_method[m]
+        low, high = v["change_interval"]
+        return f"{LABELS[m]} {v['erm']:.3f} -> {v[m]:.3f} (change 95% interval {low:+.2f} to {high:+.2f})"
+
+    if improved:
+        best = max(improved, key=lambda m: improved[m][m])
+        others = [m for m in improved if m != best]
+        why = (f"{LABELS[best]} raised {what} over ERM: {figures(best)}"
+               + (f"; the highest of the improved methods ({', '.join(figures(m) for m in others)})" if others else "")
+               + ".")
+        return {"method": best, "artifact": rf.MODEL_ARTIFACTS[best], "call": "improved", "why": why}
+    calls = ", ".join(f"{figures(m)}: {v['call']}" for m, v in by_method.items())
+    if all(v["call"] == "worse" for v in by_method.values()):
+        return {"method": "erm", "artifact": rf.MODEL_ARTIFACTS["erm"], "call": "worse",
+                "why": f"Every method lowered {what} ({calls}): ERM is the best model here."}
+    leader = max(by_method, key=lambda m: by_method[m][m])
+    lean = (f"by the point estimates {LABELS[leader]} leads ({by_method[leader][leader]:.3f} vs ERM "
+            f"{by_method[leader]['erm']:.3f}), within the uncertainty"
+            if by_method[leader][leader] > by_method[leader]["erm"] else "no method's point estimate is above ERM's")
+    return {"method": "erm", "artifact": rf.MODEL_ARTIFACTS["erm"], "call": "inconclusive",
+            "why": f"Inconclusive: no method is shown to raise {what} over ERM ({calls}). ERM stays the default "
+                   f"because no gain is established, not because it is shown better; {lean}. A larger validation "
+                   "split (data.val_fraction) would settle it."}
 
 
 def selective_classification(
@@ -201,27 +259,28 @@ def selective_classification(
 
 
 def comparison_table(metrics: dict) -> str:
-    """ERM vs MaskTune, one row per split, for the terminal."""
-    lines = [f"{'split':<6} {'metric':<26} {'ERM':>7} {'MaskTune':>9}"]
+    """ERM beside each method, one row per split and metric, for the terminal."""
+    methods = metrics.get("methods", ["masktune"])
+    lines = [f"{'split':<6} {'metric':<26} {'ERM':>7}" + "".join(f" {LABELS[m]:>9}" for m in methods)]
     for split, erm in metrics["erm"].items():
-        mt = metrics["masktune"][split]
         keys = ["overall_accuracy"]
         keys += ["worst_group_accuracy", "group_mean_accuracy"] if "worst_group_accuracy" in erm else ["worst_class_accuracy"]
         for key in keys:
-            lines.append(f"{split:<6} {key:<26} {erm[key]:>7.3f} {mt[key]:>9.3f}")
+            lines.append(f"{split:<6} {key:<26} {erm[key]:>7.3f}" + "".join(f" {metrics[m][split][key]:>9.3f}" for m in methods))
     lines.append(metrics["verdict"]["message"])
     return "\n".join(lines)
 
 
 def headline(metrics: dict) -> dict:
-    """The few numbers a job listing shows (the verdict, overall and worst group or class per split)."""
+    """The few numbers a job listing shows (the verdict, overall and worst group or class per split, per model)."""
     keys = ("overall_accuracy", "worst_group_accuracy", "worst_group", "worst_class_accuracy", "worst_class")
+    methods = metrics.get("methods", ["masktune"])
 
     def pick(m: dict) -> dict:
         return {k: m[k] for k in keys if k in m}
 
     return {
         "verdict": metrics["verdict"],
-        "erm": {split: pick(m) for split, m in metrics["erm"].items()},
-        "masktune": {split: pick(m) for split, m in metrics["masktune"].items()},
+        "methods": methods,
+        **{name: {split: pick(m) for split, m in metrics[name].items()} for name in ["erm", *methods]},
     }

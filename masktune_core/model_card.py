@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import get_architecture
+from .runfolder import MODEL_ARTIFACTS
 
 
 def _loader(architecture: str, num_classes: int) -> str:
@@ -23,7 +24,12 @@ def _loader(architecture: str, num_classes: int) -> str:
     return f"model = masktune_core.create_model(\"{architecture}\", {num_classes}, input_size); {load}"
 
 
-def model_card(architecture: str, classes: list[str], input_size: int, normalization: str) -> dict:
+_DESCRIBED = {"masktune": "MaskTune (finetuned)", "erm": "ERM (best validation)", "jtt": "JTT (Just Train Twice, last epoch)",
+              "dfr": "DFR (ERM with its last layer retrained on group-balanced validation data)"}
+
+
+def model_card(architecture: str, classes: list[str], input_size: int, normalization: str,
+               methods: list[str] = ("masktune", "erm")) -> dict:
     arch = get_architecture(architecture)
     return {
         "library": arch.library,
@@ -38,12 +44,13 @@ def model_card(architecture: str, classes: list[str], input_size: int, normaliza
             {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if normalization == "imagenet" else None
         ),
         "load": _loader(architecture, len(classes)),
-        "weights": {"model.safetensors": "MaskTune (finetuned)", "erm.safetensors": "ERM (best validation)"},
+        "weights": {MODEL_ARTIFACTS[m]: _DESCRIBED[m] for m in MODEL_ARTIFACTS if m in methods},
     }
 
 
-def write_model_card(path: str | Path, architecture: str, classes: list[str], input_size: int, normalization: str) -> None:
+def write_model_card(path: str | Path, architecture: str, classes: list[str], input_size: int, normalization: str,
+                     methods: list[str] = ("masktune", "erm")) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(model_card(architecture, classes, input_size, normalization), indent=2) + "\n")
+    tmp.write_text(json.dumps(model_card(architecture, classes, input_size, normalization, methods), indent=2) + "\n")
     tmp.replace(path)

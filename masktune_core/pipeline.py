@@ -1,4 +1,5 @@
-"""The MaskTune run: prepare -> erm -> saliency -> finetune -> evaluate -> export.
+"""The MaskTune run: prepare -> erm -> saliency -> finetune -> evaluate -> export, and the baselines
+``config.methods`` asks for beside it: jtt_identify -> jtt (Just Train Twice), dfr (Deep Feature Reweighting).
 
 Every stage leaves its output in the work directory (names in ``runfolder``) and
 is recorded in ``state.json`` when it finishes; ERM also keeps a checkpoint per
@@ -30,16 +31,20 @@ from .archive import ExtractionLimits
 from jobspec import JobConfig
 from .data import SplitRows, dataset_sha256, decode_dataset, index_dataset, summarize
 from .decoded import DecodedImages, bad_chunks, entry_dir, unpack_once
-from .errors import ConfigError, DatasetError, JobCancelled, PretrainedWeightsMissing
+from .errors import ConfigError, DatasetError, DfrNeedsValGroups, JobCancelled, PretrainedWeightsMissing
 from .masking import pack_masks, threshold_masks, unpack_masks
 from .memory import map_large_buffers
-from .metrics import group_shares, selective_classification, split_metrics, verdict
+from .baselines import fit_dfr_head, misclassified, penultimate_features, set_head, upsampled, without_groups
+from .metrics import (
+    LABELS, MIN_GROUP_IMAGES, group_shares, recommend, selective_classification, split_metrics, verdict,
+)
 from .model_card import write_model_card
 from .models import (
     create_model, load_state, load_weights, pretrained_location, pretrained_state_dict, resolve_input_size,
     saliency_target_layer, saliency_target_name, save_weights,
 )
 from .previews import render_previews
+from .report import render_report
 from .rowfile import RowFile
 from .saliency import saliency_maps
 from .training import (
@@ -47,8 +52,10 @@ from .training import (
     model_input, place_model, predict_logits, read_ahead, save_checkpoint, train_one_epoch,
 )
 
-STAGES = ("prepare", "erm", "saliency", "finetune", "evaluate", "export")
-_STAGE_WEIGHT = {"prepare": 0.05, "erm": 0.60, "saliency": 0.10, "finetune": 0.15, "evaluate": 0.08, "export": 0.02}
+STAGES = ("prepare", "erm", "saliency", "finetune", "jtt_identify", "jtt", "dfr", "evaluate", "export")
+# Shares of the run's progress; a run's steps are those of its methods, their weights scaled to sum to 1.
+_STAGE_WEIGHT = {"prepare": 0.05, "erm": 0.60, "saliency": 0.10, "finetune": 0.15, "jtt_identify": 0.03, "jtt": 0.55,
+                 "dfr": 0.05, "evaluate": 0.08, "export": 0.02}
 
 
 @dataclass
@@ -151,12 +158,19 @@ class MaskTuneRun:
     def _steps(self) -> list[tuple[str, str, float]]:
         """(step key, stage name, weight in the overall progress)."""
         rounds = self.config.masktune_iterations
+        methods = self.config.methods
         steps = [("prepare", "prepare", _STAGE_WEIGHT["prepare"]), ("erm", "erm", _STAGE_WEIGHT["erm"])]
-        for i in range(1, rounds + 1):
-            steps += [(f"saliency:{i}", "saliency", _STAGE_WEIGHT["saliency"] / rounds),
-                      (f"finetune:{i}", "finetune", _STAGE_WEIGHT["finetune"] / rounds)]
+        if "masktune" in methods:
+            for i in range(1, rounds + 1):
+                steps += [(f"saliency:{i}", "saliency", _STAGE_WEIGHT["saliency"] / rounds),
+                          (f"finetune:{i}", "finetune", _STAGE_WEIGHT["finetune"] / rounds)]
+        if "jtt" in methods:
+            steps += [(s, s, _STAGE_WEIGHT[s]) for s in ("jtt_identify", "jtt")]
+        if "dfr" in methods:
+            steps.append(("dfr", "dfr", _STAGE_WEIGHT["dfr"]))
         steps += [(s, s, _STAGE_WEIGHT[s]) for s in ("evaluate", "export")]
-        return steps
+        total = sum(weight for _, _, weight in steps)
+        return [(key, stage, weight / total) for key, stage, weight in steps]
 
     def _emit(self, kind: str, fraction: float = 0.0, message: str = "", **data) -> None:
         overall = min(1.0, self._done_weight + self._weight * fraction)
@@ -201,7 +215,7 @@ class MaskTuneRun:
                 if step not in state["finished"]:
                     self._finish(state, step)
             self._done_weight += weight
-        self._stage, self._weight = "export", 0.0
+        self._stage, self._weight, self._done_weight = "export", 0.0, 1.0  # not a sum of float shares
         metrics = json.loads((self.out_dir / rf.METRICS).read_text())
         self._emit("done", 1.0, metrics["verdict"]["message"])
         return metrics
@@ -253,6 +267,10 @@ class MaskTuneRun:
                        for name, s in decoded.splits.items()},
         })
         self._index, self._images = None, None
+        if "dfr" in self.config.methods and not index.groups:
+            raise DfrNeedsValGroups("methods includes dfr, which retrains the last layer on group-balanced validation "
+                                    "images, but the dataset has no group labels (a group column in the manifest, or "
+                                    "data.group_attribute for CelebA)")
         reused = "reused the decoded images" if decoded.decoded_count == 0 else f"decoded {decoded.decoded_count} images"
         self._emit("info", 1.0, f"dataset ready ({reused})", decoded_images=decoded.decoded_count,
                    summary={k: summary[k] for k in ("classes", "groups", "splits")})
@@ -311,6 +329,8 @@ class MaskTuneRun:
                 best = val_acc
                 save_checkpoint(best_path, model, optimizer, epoch=epoch, val_accuracy=val_acc, best_val_accuracy=best)
             save_checkpoint(last_path, model, optimizer, epoch=epoch, val_accuracy=val_acc, best_val_accuracy=best)
+            if "jtt" in self.config.methods and epoch + 1 == self.config.jtt_identify_epochs():
+                save_checkpoint(self.workdir / rf.erm_epoch_checkpoint(epoch + 1), model, optimizer, epoch=epoch)
             self._emit("epoch", (epoch + 1) / cfg.epochs, f"ERM epoch {epoch + 1}/{cfg.epochs}",
                        phase="erm", epoch=epoch + 1, epochs=cfg.epochs, train_loss=stats["loss"],
                        train_accuracy=stats["accuracy"], val_accuracy=val_acc, best_val_accuracy=best)
@@ -386,20 +406,121 @@ class MaskTuneRun:
         masks.close()
         save_checkpoint(self.workdir / rf.finetune_checkpoint(iteration), model, optimizer, iteration=iteration)
 
+    # ------------------------------------------------------------ baselines
+
+    def _train_epochs(self, phase: str, checkpoint: str, first: str | None, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, train: SplitRows, epochs: int, label: str) -> None:
+        """Train ``model`` up to ``epochs`` (``phase``'s batches), keeping ``checkpoint`` after every epoch and
+        resuming after the one it holds; a fresh run starts from ``first`` (a checkpoint) when given."""
+        path = self.workdir / checkpoint
+        start = 0
+        if path.exists() or first:
+            start = load_checkpoint(path if path.exists() else self.workdir / first, model, optimizer)["epoch"] + 1
+        loop = self._loop()
+        net = self._placed(model, loop)
+        val = without_groups(self.split("val"))
+        batch_size = self.config.erm.batch_size
+        for epoch in range(start, epochs):
+            loop.on_batch = lambda done, total, e=epoch: self._emit("progress", (e + done / total) / epochs)
+            stats = train_one_epoch(net, optimizer, train, batch_size, epoch_generator(self.config.seed, phase, epoch), loop)
+            val_acc = accuracy(predict_logits(net, val, batch_size, loop), val.labels)
+            path.parent.mkdir(exist_ok=True)
+            save_checkpoint(path, model, optimizer, epoch=epoch, val_accuracy=val_acc)
+            self._emit("epoch", (epoch + 1) / epochs, f"{label} epoch {epoch + 1}/{epochs}", phase=self._stage,
+                       epoch=epoch + 1, epochs=epochs, train_loss=stats["loss"], train_accuracy=stats["accuracy"],
+                       val_accuracy=val_acc)
+
+    def _stage_jtt_identify(self) -> None:
+        """JTT's error set: the training images the ERM run gets wrong after T epochs. ERM kept its checkpoint
+        of epoch T; past ERM's last epoch, the ERM run is continued to epoch T (same batches)."""
+        epochs = self.config.jtt_identify_epochs()
+        model = self.new_model()
+        if epochs <= self.config.erm.epochs:
+            source = rf.erm_epoch_checkpoint(epochs)
+            load_checkpoint(self.workdir / source, model)
+        else:
+            source = rf.JTT_IDENTIFY
+            self._train_epochs("erm", source, rf.ERM_LAST, model, make_optimizer(model, self.config.erm),
+                               without_groups(self.split("train")), epochs, "JTT identification (ERM continued)")
+        loop = self._loop()
+        train = without_groups(self.split("train"))
+        errors = misclassified(place_model(model, loop), train, self.config.masking.batch_size, loop)
+        upweight = self.config.jtt.upweight
+        summary = {"epochs_identify": epochs, "identification_model": source, "error_set_size": len(errors),
+                   "train_images": len(train), "upweight": upweight,
+                   "upsampled_train_images": len(train) + (upweight - 1) * len(errors), "note": None}
+        if not errors:
+            summary["note"] = (f"JTT's identification model (ERM after {epochs} epochs) classifies every training image "
+                               "correctly: the error set is empty, so the JTT model is just a second ERM run. Set a "
+                               "smaller jtt.epochs_identify or a lower erm.lr, so that the identification model has not "
+                               "yet fitted the minority images.")
+            self._emit("warning", 1.0, f"Warning: {summary['note']}", error_set_size=0)
+        else:
+            self._emit("info", 1.0, f"JTT error set: {len(errors)} of {len(train)} training images, each seen "
+                       f"{upweight} times in the retraining set", error_set_size=len(errors))
+        rf.write_json(self.workdir / rf.JTT_ERROR_SET, {**summary, "positions": errors})
+
+    def _stage_jtt(self) -> None:
+        """JTT's second model: trained from ERM's starting point on the upsampled training set."""
+        cfg = self.config.jtt
+        found = json.loads((self.workdir / rf.JTT_ERROR_SET).read_text())
+        train = upsampled(self.split("train"), np.array(found["positions"], dtype=np.int64), cfg.upweight)
+        torch.manual_seed(self.config.seed)
+        model = self.new_model()
+        if not (self.workdir / rf.JTT_LAST).exists():
+            self._load_start(model)
+        erm = self.config.erm
+        settings = erm.model_copy(update={"lr": cfg.lr or erm.lr,
+                                          "weight_decay": erm.weight_decay if cfg.weight_decay is None else cfg.weight_decay})
+        self._train_epochs("jtt", rf.JTT_LAST, None, model, make_optimizer(model, settings), train,
+                           cfg.epochs or erm.epochs, "JTT")
+
+    def _stage_dfr(self) -> None:
+        """DFR: the ERM model's last layer retrained on group-balanced validation features."""
+        cfg = self.config.dfr
+        model = self._trained(rf.ERM_BEST)
+        val = self.split("val")
+        features = penultimate_features(model, val, self.config.masking.batch_size, self._loop())
+        self._emit("progress", 0.5, f"fitting DFR's last layer on {len(val)} validation images")
+        weight, bias, found = fit_dfr_head(features, val.labels.numpy(), val.groups.numpy(), len(self.index["classes"]),
+                                           cfg.c_grid, cfg.resamples, self.config.seed)
+        set_head(model, weight, bias)
+        (self.workdir / rf.DFR_MODEL).parent.mkdir(exist_ok=True)
+        save_weights(model, self.workdir / rf.DFR_MODEL)
+        rf.write_json(self.workdir / rf.DFR_SUMMARY, found)
+        message = (f"DFR: C={found['c']}, {found['images_per_group']} validation images per group in each of "
+                   f"{cfg.resamples} balanced fits")
+        if found["images_per_group"] < MIN_GROUP_IMAGES:  # a last layer fitted on a handful of images per group
+            self._emit("warning", 1.0, f"Warning: {message}; with so few, DFR's last layer may fit those images rather "
+                       "than the groups: a larger validation split with more minority images helps", **found)
+        else:
+            self._emit("info", 1.0, message, **found)
+
+    # ------------------------------------------------------------ evaluation and export
+
     def _trained(self, checkpoint: str) -> torch.nn.Module:
         model = self.new_model()
-        load_checkpoint(self.workdir / checkpoint, model)
+        if checkpoint.endswith(".safetensors"):
+            load_weights(model, self.workdir / checkpoint)
+        else:
+            load_checkpoint(self.workdir / checkpoint, model)
         return place_model(model, self._loop())
+
+    def _method_checkpoints(self) -> dict[str, str]:
+        """Each method's final model in the work directory, ERM's (best) first."""
+        found = {"erm": rf.ERM_BEST, "masktune": rf.finetune_checkpoint(self.config.masktune_iterations),
+                 "jtt": rf.JTT_LAST, "dfr": rf.DFR_MODEL}
+        return {name: found[name] for name in ["erm", *self.config.methods]}
 
     def _stage_evaluate(self) -> None:
         p = self.index
-        rounds = self.config.masktune_iterations
-        models = {"erm": self._trained(rf.ERM_BEST), "masktune": self._trained(rf.finetune_checkpoint(rounds)),
-                  "erm_last": self._trained(rf.ERM_LAST)}
+        methods = self.config.methods
+        models = {name: self._trained(path) for name, path in self._method_checkpoints().items()}
+        models["erm_last"] = self._trained(rf.ERM_LAST)
         shares = group_shares(self.split("train").groups, p["groups"])
         loop = self._loop()
         batch = self.config.masking.batch_size
-        metrics: dict = {name: {} for name in models}
+        metrics: dict = {"methods": list(methods), **{name: {} for name in models}}
         logits: dict = {}
         splits = list(p["splits"])
         for n, split_name in enumerate(splits):
@@ -408,17 +529,24 @@ class MaskTuneRun:
                 logits[name, split_name] = predict_logits(model, s, batch, loop)
                 metrics[name][split_name] = split_metrics(logits[name, split_name], s.labels, s.groups, p["classes"], p["groups"], shares)
             self._emit("progress", (n + 1) / len(splits))
-        saliency = torch.load(self.workdir / rf.saliency_stats(rounds), weights_only=True)
-        metrics["masking"] = {
-            "masked_pixel_fraction": saliency["masked_pixel_fraction"],
-            "images_with_mask_fraction": saliency["images_with_mask_fraction"],
-        }
-        val = self.split("val")
-        keys, names, subset = (val.groups, p["groups"], "group") if p["groups"] else (val.labels, p["classes"], "class")
-        metrics["verdict"] = verdict(logits["erm", "val"].argmax(1) == val.labels, logits["masktune", "val"].argmax(1) == val.labels,
-                                     keys, names, subset, "val", saliency["masked_pixel_fraction"], seed=self.config.seed)
+        masked_fraction = None
+        if "masktune" in methods:
+            saliency = torch.load(self.workdir / rf.saliency_stats(self.config.masktune_iterations), weights_only=True)
+            masked_fraction = saliency["masked_pixel_fraction"]
+            metrics["masking"] = {
+                "masked_pixel_fraction": masked_fraction,
+                "images_with_mask_fraction": saliency["images_with_mask_fraction"],
+            }
+        if "jtt" in methods:
+            found = json.loads((self.workdir / rf.JTT_ERROR_SET).read_text())
+            metrics["jtt_error_set"] = {k: v for k, v in found.items() if k != "positions"}
+        if "dfr" in methods:
+            metrics["dfr_head"] = json.loads((self.workdir / rf.DFR_SUMMARY).read_text())
+        metrics["verdict"] = self._verdict(logits, masked_fraction)
         if self.config.selective.enabled:
-            if "test" in p["splits"]:
+            if "masktune" not in methods:
+                metrics["selective"] = {"skipped": "selective classification combines ERM and MaskTune, which did not run"}
+            elif "test" in p["splits"]:
                 val, test = self.split("val"), self.split("test")
                 metrics["selective"] = selective_classification(
                     logits["erm", "val"], logits["masktune", "val"], val.labels,
@@ -429,20 +557,45 @@ class MaskTuneRun:
             self._emit("warning", 1.0, metrics["verdict"]["message"])
         rf.write_json(self.workdir / rf.METRICS, metrics)
 
+    def _verdict(self, logits: dict, masked_fraction: float | None) -> dict:
+        """Each method against ERM on one split: val, or test when DFR ran (DFR fits its last layer on val, so
+        val cannot judge it; every method is then judged on the same test images). The top-level fields are
+        MaskTune's (else the first method's), with ``by_method`` and the ``recommended`` model beside them."""
+        p, methods = self.index, self.config.methods
+        judge = "test" if "dfr" in methods and "test" in p["splits"] else "val"
+        s = self.split(judge)
+        keys, names, subset = (s.groups, p["groups"], "group") if p["groups"] else (s.labels, p["classes"], "class")
+        erm_right = logits["erm", judge].argmax(1) == s.labels
+        by_method = {
+            m: verdict(erm_right, logits[m, judge].argmax(1) == s.labels, keys, names, subset, judge,
+                       masked_fraction if m == "masktune" else None, seed=self.config.seed, method=m,
+                       fit_on_split=m == "dfr" and judge == "val")
+            for m in methods}
+        top = dict(by_method["masktune" if "masktune" in methods else methods[0]])
+        top["recommended"] = recommend(by_method)
+        top["by_method"] = by_method
+        if len(methods) > 1:
+            chosen = top["recommended"]
+            top["message"] = (f"{top['message']} Recommended of {', '.join(LABELS[m] for m in ['erm', *methods])}: "
+                              f"{LABELS[chosen['method']]} ({chosen['artifact']}). {chosen['why']}")
+        return top
+
     def _stage_export(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        rounds = self.config.masktune_iterations
-        save_weights(self._trained(rf.finetune_checkpoint(rounds)), self.out_dir / "model.safetensors")
-        save_weights(self._trained(rf.ERM_BEST), self.out_dir / "erm.safetensors")
-        saliency = torch.load(self.workdir / rf.saliency_stats(1), weights_only=True)
-        idx = saliency["preview_index"]
-        train = self.split("train")
-        if len(idx):
-            names = train.names
-            captions = [f"{names[i]} (class {self.index['classes'][train.labels[i]]})" for i in idx.tolist()]
-            with RowFile(self.workdir / rf.masks_file(1)) as masks:
-                preview_masks = unpack_masks(masks.read(idx), self.input_size)
-            render_previews(train.pixels(idx), saliency["preview_maps"], preview_masks, captions, self.out_dir / "previews.png")
+        for name, checkpoint in self._method_checkpoints().items():
+            save_weights(self._trained(checkpoint), self.out_dir / rf.MODEL_ARTIFACTS[name])
+        if "masktune" in self.config.methods:
+            saliency = torch.load(self.workdir / rf.saliency_stats(1), weights_only=True)
+            idx = saliency["preview_index"]
+            train = self.split("train")
+            if len(idx):
+                names = train.names
+                captions = [f"{names[i]} (class {self.index['classes'][train.labels[i]]})" for i in idx.tolist()]
+                with RowFile(self.workdir / rf.masks_file(1)) as masks:
+                    preview_masks = unpack_masks(masks.read(idx), self.input_size)
+                render_previews(train.pixels(idx), saliency["preview_maps"], preview_masks, captions, self.out_dir / "previews.png")
+        metrics = json.loads((self.workdir / rf.METRICS).read_text())
+        render_report(metrics, self.out_dir / rf.REPORT)
         resolved = self.config.model_copy(deep=True)
         resolved.data.input_size = self.input_size
         rf.write_json(self.out_dir / "config.json", {
@@ -458,7 +611,7 @@ class MaskTuneRun:
             "versions": library_versions(),
         })
         write_model_card(self.out_dir / rf.MODEL_CARD, self.config.model.architecture, self.index["classes"],
-                         self.input_size, self.config.data.normalization)
+                         self.input_size, self.config.data.normalization, ["erm", *self.config.methods])
         with rf.atomic_path(self.out_dir / rf.METRICS) as tmp:
             shutil.copyfile(self.workdir / rf.METRICS, tmp)
 

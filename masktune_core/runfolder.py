@@ -8,7 +8,10 @@ A run folder holds
       state.json      the finished steps (written last, after the files it names)
       index.json      the job's view of the dataset: classes, groups, splits as rows of the decoded images
       erm/best.pt, erm/last.pt, finetune_<i>.pt     checkpoints
+      erm/epoch_<T>.pt                               ERM at epoch T, JTT's identification model (when JTT runs)
       saliency_<i>.pt, masks_<i>.npy                 per masking round: statistics and previews, packed masks
+      jtt/identify.pt, jtt/error_set.json, jtt/last.pt   JTT: identification model, its error set, the retrained model
+      dfr/model.safetensors, dfr/head.json           DFR: the ERM model with its retrained last layer, the tuning
       metrics.json
 
 The dataset is not in the run folder: it is unpacked and decoded once into the dataset
@@ -25,11 +28,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-# Artifacts: name -> content type. The order is the order users see them listed.
+# Each method's exported model (ERM's and those of JobConfig.methods); each loads strict into the plain library model.
+MODEL_ARTIFACTS: dict[str, str] = {
+    "masktune": "model.safetensors",
+    "erm": "erm.safetensors",
+    "jtt": "model_jtt.safetensors",
+    "dfr": "model_dfr.safetensors",
+}
+REPORT = "report.png"
+
+# Artifacts: name -> content type. The order is the order users see them listed; a run writes those its methods make.
 ARTIFACTS: dict[str, str] = {
     "metrics.json": "application/json",
-    "model.safetensors": "application/octet-stream",
-    "erm.safetensors": "application/octet-stream",
+    **{name: "application/octet-stream" for name in MODEL_ARTIFACTS.values()},
+    REPORT: "image/png",
     "previews.png": "image/png",
     "config.json": "application/json",
     "model_card.json": "application/json",
@@ -42,6 +54,11 @@ METRICS = "metrics.json"
 MODEL_CARD = "model_card.json"
 ERM_BEST = "erm/best.pt"
 ERM_LAST = "erm/last.pt"
+JTT_IDENTIFY = "jtt/identify.pt"  # trained here only when ERM has no checkpoint at epoch T
+JTT_ERROR_SET = "jtt/error_set.json"
+JTT_LAST = "jtt/last.pt"
+DFR_MODEL = "dfr/model.safetensors"
+DFR_SUMMARY = "dfr/head.json"
 TEMPORARY_MARK = ".tmp"
 
 
@@ -51,6 +68,10 @@ def input_file(kind: str, filename: str | None) -> str:
     if filename is None:
         return f"{INPUT}/{kind}"
     return f"{INPUT}/{kind}{''.join(Path(filename).suffixes[-2:]) or '.bin'}"
+
+
+def erm_epoch_checkpoint(epoch: int) -> str:
+    return f"erm/epoch_{epoch}.pt"
 
 
 def finetune_checkpoint(iteration: int) -> str:

@@ -79,7 +79,7 @@ def make_optimizer(model: nn.Module, erm: ErmConfig) -> torch.optim.SGD:
 
 def epoch_generator(seed: int, phase: str, epoch: int) -> torch.Generator:
     """A generator that depends only on (seed, phase, epoch)."""
-    phase_code = {"erm": 1, "finetune": 2, "preview": 3}[phase]
+    phase_code = {"erm": 1, "finetune": 2, "preview": 3, "jtt": 4, "dfr": 5}[phase]
     return torch.Generator().manual_seed(seed * 1_000_003 + phase_code * 10_007 + epoch)
 
 

@@ -169,7 +169,8 @@ def test_each_attempt_checks_the_addresses_and_sends_to_a_checked_one(receiver, 
 
 
 def test_succeeded_job_sends_one_message_retried_until_2xx(client, dataset, secret, receiver):
-    created = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **FAST_JOB, "webhook_url": receiver.url("/flaky")})
+    created = client.post("/v1/jobs", json={"dataset_id": dataset["id"], **FAST_JOB, "webhook_url": receiver.url("/flaky"),
+                                            "metadata": {"run": "webhooks"}})
     assert created.status_code == 201, created.text
     job = created.json()
     assert job["webhook_url"] == receiver.url("/flaky") and job["webhook_events_filter"] == DEFAULT_EVENTS
@@ -182,6 +183,7 @@ def test_succeeded_job_sends_one_message_retried_until_2xx(client, dataset, secr
     assert [a["attempt"] for a in message["attempts"]] == [1, 2, 3]
     data = message["payload"]["data"]
     assert data["id"] == job["id"] and data["status"] == "succeeded" and data["metrics"] == job["metrics"]
+    assert data["metadata"] == {"run": "webhooks"}
 
     received = receiver.of_job(job["id"])
     assert [(r["answer"], r["verified"], r["id"]) for r in received] == [(500, True, message["id"])] * 2 + [(200, True, message["id"])]

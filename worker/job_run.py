@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ from jobspec import JobConfig
 from jobstore import blob_keys
 from jobstore.blobs import BlobStore
 from jobstore.db import session_scope
-from jobstore.jobs import add_event, claim_job, fresh_claim
+from jobstore.jobs import TIMEOUT, add_event, claim_job, fresh_claim, timeout_message
 from jobstore.models import Artifact, Dataset, Job, Model, utcnow
 from jobstore.settings import TASK_RUN_JOB, Settings, get_settings
 from jobstore.statuses import JobStatus
@@ -30,6 +31,7 @@ from masktune_core.metrics import headline
 from . import metrics as job_metrics  # not `metrics`: the run's results go by that name here
 from .celery_app import app
 from .dataset_cache import DatasetCache, prune
+from .estimate import FinishEstimate
 from .inputs import extraction_limits, fetch_dataset
 from .lease import Claim
 from .workspace import Workspace
@@ -37,6 +39,12 @@ from .workspace import Workspace
 log = logging.getLogger(__name__)
 
 STALE_CLAIM_MARGIN_S = 1.0  # a delivery that waits for a claim to go stale comes back this long after it did
+
+
+class RuntimeLimitExceeded(MaskTuneError):
+    """The job reached its deadline (its first start + max_runtime_s): it fails, it is not cancelled."""
+
+    code = TIMEOUT
 
 
 # Retries are bounded by waited_for (one per attempt that holds the job), not by a count.
@@ -108,6 +116,8 @@ class JobInputs:
     dataset_sha256: str
     cache: DatasetCache  # its decoded copy, shared with other jobs and machines
     initial_weights: Path | None
+    max_runtime_s: int | None
+    deadline: datetime | None  # the run stops between batches once it passes
 
 
 def _gather_inputs(settings: Settings, claim: Claim, workspace: Workspace) -> JobInputs:
@@ -120,6 +130,9 @@ def _gather_inputs(settings: Settings, claim: Claim, workspace: Workspace) -> Jo
         source = (dataset.blob_key, dataset.filename, dataset.source_url, dataset.sha256)
         cache = DatasetCache(workspace.blobs, settings.dataset_cache_dir, dataset.id, dataset.sha256)
         weights = (model.blob_key, model.filename) if model else None
+        max_runtime_s, deadline = job.max_runtime_s, job.deadline_at
+    if deadline is not None and deadline.tzinfo is None:
+        deadline = deadline.replace(tzinfo=timezone.utc)  # SQLite: naive UTC
     restored = workspace.restore()  # the work of earlier attempts, from any machine
     if restored:
         _note(settings, claim, f"resuming from {restored} stored work files", data={"restored_files": restored})
@@ -128,7 +141,7 @@ def _gather_inputs(settings: Settings, claim: Claim, workspace: Workspace) -> Jo
     if weights:
         initial = workspace.root / rf.input_file("weights", weights[1])
         workspace.blobs.get_file(weights[0], initial)
-    return JobInputs(config, data, source[3], cache, initial)
+    return JobInputs(config, data, source[3], cache, initial, max_runtime_s, deadline)
 
 
 # ---------------------------------------------------------------- run
@@ -139,25 +152,36 @@ def _run(settings: Settings, claim: Claim, workspace: Workspace, inputs: JobInpu
     cache = inputs.cache
     with cache.in_use():
         prune(settings.dataset_cache_dir, settings.work_retention_s)
-        reporter = JobReporter(settings, claim, workspace, after_prepare=lambda: cache.publish(run.input_size))
+        reporter = JobReporter(settings, claim, workspace, after_prepare=lambda: cache.publish(run.input_size),
+                               estimate=FinishEstimate(inputs.config), deadline=inputs.deadline)
         run = MaskTuneRun(inputs.data, workspace.root / rf.OUT, inputs.config, workdir=workspace.workdir,
                           initial_weights=inputs.initial_weights, device=settings.device, on_event=reporter,
                           should_cancel=reporter.should_cancel, cache_dir=settings.dataset_cache_dir,
                           dataset_sha256=inputs.dataset_sha256, extraction_limits=extraction_limits(settings))
         if cache.fetch(run.input_size):
             _note(settings, claim, "fetched the decoded dataset from storage", stage="prepare")
-        return run.run()
+        try:
+            return run.run()
+        except JobCancelled:
+            if reporter.timed_out:
+                raise RuntimeLimitExceeded(timeout_message(inputs.max_runtime_s)) from None
+            raise
 
 
 class JobReporter:
-    """Turns pipeline events into job rows and events: stages and epochs always, progress throttled."""
+    """Turns pipeline events into job rows and events: stages and epochs always, progress throttled;
+    at each epoch, the estimated finish."""
 
-    def __init__(self, settings: Settings, claim: Claim, workspace: Workspace, after_prepare: Callable[[], None]):
+    def __init__(self, settings: Settings, claim: Claim, workspace: Workspace, after_prepare: Callable[[], None],
+                 estimate: FinishEstimate, deadline: datetime | None):
         self.settings = settings
         self.claim = claim
         self.job_id = claim.job_id
         self.workspace = workspace
         self.after_prepare = after_prepare
+        self.estimate = estimate
+        self.deadline = deadline
+        self.timed_out = False
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancel = False
@@ -167,6 +191,8 @@ class JobReporter:
             return
         job_metrics.on_event(event)
         now = time.monotonic()
+        seconds_left = self.estimate.seconds_left(event, now)
+        finish = {} if seconds_left is None else {"estimated_finish_at": utcnow() + timedelta(seconds=seconds_left)}
         # A resumed ERM reports where it picked up: kept as an event, so clients (and tests) see it.
         keep = event.kind in ("stage", "info", "epoch", "warning") or "resumed_from_epoch" in event.data
         if not keep and now - self._last_write < self.settings.progress_interval_s:
@@ -177,18 +203,21 @@ class JobReporter:
             if event.kind == "stage" and event.stage != "prepare":
                 self.after_prepare()
         with session_scope(self.settings.database_url) as session:
-            if self.claim.write(session, stage=event.stage, progress=round(event.progress, 4)) and keep:
+            if self.claim.write(session, stage=event.stage, progress=round(event.progress, 4), **finish) and keep:
                 kind = "info" if event.kind == "progress" else event.kind
                 add_event(session, self.job_id, kind, event.message, event.stage, event.data or None)
 
     def should_cancel(self) -> bool:
-        """True once a cancel was asked for, or once this attempt lost its claim."""
+        """True once a cancel was asked for, once the job's deadline passed (``timed_out``), or once
+        this attempt lost its claim."""
         now = time.monotonic()
         if not self._cancel and now - self._last_cancel_check >= min(self.settings.progress_interval_s, 0.5):
             self._last_cancel_check = now
             with session_scope(self.settings.database_url) as session:
                 self._cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
-        return self._cancel or self.claim.lost
+        if not self._cancel and self.deadline is not None and utcnow() >= self.deadline:
+            self.timed_out = True
+        return self._cancel or self.timed_out or self.claim.lost
 
 
 def _note(settings: Settings, claim: Claim, message: str, **fields) -> None:
@@ -222,4 +251,5 @@ def _finish(settings: Settings, claim: Claim, status: JobStatus, message: str, a
             job_metrics.job_finished(status)
             for artifact in artifacts:
                 session.merge(artifact)
-            add_event(session, claim.job_id, "status", message, data={"status": status})
+            code = {"code": fields["error_code"]} if "error_code" in fields else {}
+            add_event(session, claim.job_id, "status", message, data={"status": status, **code})

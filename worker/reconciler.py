@@ -3,6 +3,9 @@
 Celery beat sends it every ``reconcile_interval_s`` to the validation queue. Each
 pass, with conditional updates only (two passes at once cannot double anything):
 
+0. queued or running jobs past their deadline (first start + max_runtime_s) by more
+   than ``heartbeat_timeout_s`` fail with ``timeout``: a live worker stops its job at
+   the deadline itself, so such a job's worker is hung or gone.
 1. running jobs whose heartbeat is older than ``heartbeat_timeout_s`` lost their
    worker: requeued and re-sent, or failed with too_many_attempts once they have
    used ``max_attempts``; a cancelling one is cancelled.
@@ -30,7 +33,7 @@ from sqlalchemy import func, select, update
 from jobstore import blob_keys, webhooks
 from jobstore.blobs import BlobStore
 from jobstore.db import session_scope
-from jobstore.jobs import heartbeat_stale, recover_lost
+from jobstore.jobs import heartbeat_stale, recover_lost, time_out
 from jobstore.models import Dataset, Job, Model, utcnow
 from jobstore.settings import Settings, get_settings
 from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
@@ -49,6 +52,7 @@ BATCH = 200  # rows of each kind per pass; the next pass takes the rest
 def reconcile() -> dict[str, int]:
     settings = get_settings()
     counts = {
+        "timed_out": _time_out_jobs(settings),
         "lost_workers": _recover_lost_jobs(settings),
         "resent_jobs": _resend_queued_jobs(settings),
         "resent_validations": _resend_validations(settings),
@@ -63,6 +67,19 @@ def reconcile() -> dict[str, int]:
 def _ids(settings: Settings, query) -> list:
     with session_scope(settings.database_url) as session:
         return list(session.execute(query.limit(BATCH)).all())
+
+
+def _time_out_jobs(settings: Settings) -> int:
+    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
+    rows = _ids(settings, select(Job.id, Job.max_runtime_s).where(
+        Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), Job.deadline_at < cutoff))
+    timed_out = 0
+    for job_id, max_runtime_s in rows:
+        with session_scope(settings.database_url) as session:
+            if time_out(session, job_id, max_runtime_s, settings.heartbeat_timeout_s):
+                log.warning("job %s: past its max_runtime_s (%s s) and its worker did not stop it; failed", job_id, max_runtime_s)
+                timed_out += 1
+    return timed_out
 
 
 def _recover_lost_jobs(settings: Settings) -> int:

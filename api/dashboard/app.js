@@ -3,7 +3,6 @@
 import { lineChart } from "./chart.js";
 
 const KEY_STORAGE = "masktune.apiKey";
-const STAGES = ["prepare", "erm", "saliency", "finetune", "evaluate", "export"];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 // A job that finishes in seconds on a CPU with a small dataset: edit it in the form.
 const FAST_CONFIG = { erm: { epochs: 3, batch_size: 64 }, masking: { batch_size: 64 }, preview_count: 2 };
@@ -158,8 +157,9 @@ function keyView(error) {
 
 function verdictHeadline(verdict) {
   if (!verdict) return "";
+  const method = verdict.method ?? "masktune";  // the top-level verdict is MaskTune's, else the first method's
   return h("span", { class: "headline" }, h("span", { class: `badge call-${verdict.call}` }, verdict.call),
-           ` ${verdict.split} ${verdict.metric.replaceAll("_", " ")} ${fmt(verdict.erm)} → ${fmt(verdict.masktune)}`);
+           ` ${verdict.split} ${verdict.metric.replaceAll("_", " ")} ${fmt(verdict.erm)} → ${fmt(verdict[method])}`);
 }
 
 function jobsView() {
@@ -183,9 +183,20 @@ function jobsView() {
   });
 }
 
+// The stages a job runs follow its methods (the pipeline's order).
+function stagesOf(job) {
+  const methods = job.config?.methods ?? ["masktune"];
+  return ["prepare", "erm",
+    ...(methods.includes("masktune") ? ["saliency", "finetune"] : []),
+    ...(methods.includes("jtt") ? ["jtt_identify", "jtt"] : []),
+    ...(methods.includes("dfr") ? ["dfr"] : []),
+    "evaluate", "export"];
+}
+
 function stageSteps(job) {
-  const current = STAGES.indexOf(job.stage);
-  return h("ol", { class: "stages" }, STAGES.map((stage, i) => {
+  const stages = stagesOf(job);
+  const current = stages.indexOf(job.stage);
+  return h("ol", { class: "stages" }, stages.map((stage, i) => {
     let state = "pending";
     if (job.status === "succeeded" || i < current) state = "done";
     else if (i === current) state = job.status === "running" ? "current" : job.status === "queued" ? "pending" : "stopped";
@@ -195,9 +206,10 @@ function stageSteps(job) {
 
 function epochCharts(events) {
   const epochs = events.filter((e) => e.kind === "epoch").map((e) => e.data);
-  const labels = epochs.map((e) => `${e.phase === "erm" ? "ERM" : "FT"} ${e.epoch}`);
-  const firstFinetune = epochs.findIndex((e) => e.phase !== "erm");
-  const dividers = firstFinetune > 0 ? [{ index: firstFinetune, caption: "finetune" }] : [];
+  const short = { erm: "ERM", finetune: "FT", jtt_identify: "JTT-id", jtt: "JTT" };
+  const labels = epochs.map((e) => `${short[e.phase] ?? e.phase} ${e.epoch}`);
+  // A dashed line where each phase after ERM starts (finetune, JTT's retraining...).
+  const dividers = epochs.flatMap((e, i) => i > 0 && e.phase !== epochs[i - 1].phase ? [{ index: i, caption: e.phase }] : []);
   const series = (key, name) => ({ name, color: COLORS[key], values: epochs.map((e) => e[key] ?? null) });
   // The accuracy axis ends at 1 and starts just below the lowest accuracy, so that close curves stay apart.
   const lowest = Math.min(1, ...epochs.flatMap((e) => [e.train_accuracy, e.val_accuracy]).filter((v) => typeof v === "number"));
@@ -256,6 +268,9 @@ function comparisonTable(metrics, split) {
 }
 
 function verdictBox(verdict, masking) {
+  const method = verdict.method ?? "masktune";
+  const name = METHOD_NAMES[method] ?? method;
+  const recommended = verdict.recommended;
   const subset = verdict.metric.replace("worst_", "").replace("_accuracy", "");
   const interval = ([low, high], digits = 2) => `[${fmt(low, digits)}, ${fmt(high, digits)}]`;
   return h("section", { class: `verdict call-${verdict.call}`, id: "verdict", "data-call": verdict.call },
@@ -264,11 +279,14 @@ function verdictBox(verdict, masking) {
     h("dl", {},
       h("dt", {}, `ERM, worst ${subset} on ${verdict.split}`),
       h("dd", {}, `${fmt(verdict.erm)} ${interval(verdict.erm_interval)} (${verdict.erm_worst})`),
-      h("dt", {}, `MaskTune, worst ${subset} on ${verdict.split}`),
-      h("dd", {}, `${fmt(verdict.masktune)} ${interval(verdict.masktune_interval)} (${verdict.masktune_worst})`),
+      h("dt", {}, `${name}, worst ${subset} on ${verdict.split}`),
+      h("dd", {}, `${fmt(verdict[method])} ${interval(verdict[`${method}_interval`])} (${verdict[`${method}_worst`]})`),
       h("dt", {}, "Change"),
       h("dd", {}, `${verdict.change >= 0 ? "+" : ""}${fmt(verdict.change)} ${interval(verdict.change_interval)}`),
-      masking ? [h("dt", {}, "Masked training pixels"), h("dd", {}, `${(masking.masked_pixel_fraction * 100).toFixed(1)}%`)] : null),
+      masking ? [h("dt", {}, "Masked training pixels"), h("dd", {}, `${(masking.masked_pixel_fraction * 100).toFixed(1)}%`)] : null,
+      recommended ? [h("dt", {}, "Recommended model"),
+                     h("dd", { id: "verdict-recommended", "data-method": recommended.method },
+                       `${METHOD_NAMES[recommended.method] ?? recommended.method} (${recommended.artifact}): ${recommended.why}`)] : null),
     h("p", { class: "muted small" }, verdict.interval_method));
 }
 

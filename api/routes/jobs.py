@@ -24,7 +24,7 @@ from jobstore.ids import new_id
 from jobstore import blob_keys
 from jobstore.jobs import add_event, update_job
 from jobstore.models import utcnow
-from jobstore.settings import TASK_RUN_JOB, Settings
+from jobstore.settings import DEFAULT_MAX_RUNTIME_S, TASK_RUN_JOB, Settings
 from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
 from jobstore.tenants import tenant_for_key
 
@@ -80,6 +80,11 @@ def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> Non
     # Share lock until the commit: a concurrent DELETE of the dataset waits and then sees this job.
     dataset = get_owned(session, tables.Dataset, body.dataset_id, tenant, lock="share")
     _usable("dataset", dataset.status, dataset.id, dataset.error)
+    if "dfr" in body.methods and not _has_val_groups(dataset.summary or {}, body):
+        raise ProblemError(422, "dfr_needs_val_groups",
+                           f"methods includes dfr, which retrains the last layer on group-balanced validation images, "
+                           f"but dataset {dataset.id} has no group labels (a group column in its manifest, or "
+                           "data.group_attribute for the CelebA layout).")
     if body.model.weights_id is None:
         return
     model = get_owned(session, tables.Model, body.model.weights_id, tenant, lock="share")  # as for the dataset
@@ -92,6 +97,26 @@ def _check_inputs(session: Session, tenant: str, body: schemas.JobCreate) -> Non
         raise ProblemError(422, "num_classes_mismatch", f"Model {model.id} has {model.num_classes} classes, "
                                                         f"dataset {dataset.id} has {len(classes)}; set model.head "
                                                         "to 'replace' to put a fresh head for the dataset's classes on it.")
+
+
+def _has_val_groups(summary: dict, body: schemas.JobCreate) -> bool:
+    """Whether the job's validation split will carry group labels, by the dataset's validation summary.
+    A CelebA-layout dataset has groups when the job names data.group_attribute; any other has them when its
+    summary lists groups (a validation split carved from training images keeps their groups)."""
+    if summary.get("layout") == "celeba":
+        return body.data.group_attribute is not None
+    return bool(summary.get("groups"))
+
+
+def _max_runtime_s(body: schemas.JobCreate, settings: Settings) -> int:
+    """The job's limit: as asked (422 past MASKTUNE_MAX_RUNTIME_S_LIMIT), else 24 h or the limit if lower."""
+    limit = settings.max_runtime_s_limit
+    if body.max_runtime_s is None:
+        return min(DEFAULT_MAX_RUNTIME_S, limit)
+    if body.max_runtime_s > limit:
+        raise validation_problem([{"loc": ["body", "max_runtime_s"], "type": "less_than_equal",
+                                   "msg": f"max_runtime_s can be at most {limit} s here (MASKTUNE_MAX_RUNTIME_S_LIMIT)."}])
+    return body.max_runtime_s
 
 
 async def json_body(request: Request) -> None:
@@ -134,6 +159,7 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
             return _replay(existing, request_hash)
     check_webhook(session, tenant, body.webhook_url, settings)
     _check_inputs(session, tenant, body)
+    max_runtime_s = _max_runtime_s(body, settings)
     # Count and insert under the tenant lock, so concurrent requests cannot all take the last slot.
     lock_tenant(session, tenant)
     if idempotency_key is not None:
@@ -144,6 +170,7 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
     check_job_slots(session, tenant, settings.max_active_jobs_per_tenant)
     job = tables.Job(id=new_id("job"), tenant_id=tenant, dataset_id=body.dataset_id, model_id=body.model.weights_id,
                      config=body.config(), status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=request_hash,
+                     job_metadata=body.metadata, max_runtime_s=max_runtime_s,
                      webhook_url=body.webhook_url, webhook_events_filter=list(body.webhook_events_filter))
     session.add(job)
     try:
@@ -165,13 +192,42 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
     return schemas.Job.of(job)
 
 
-@router.get("", response_model=schemas.JobList, summary="List jobs, newest first", responses=problems(401, 422))
-def list_jobs(session: SessionDep, tenant: TenantDep,
+_METADATA_FILTER = re.compile(r"metadata\[(.*)\]", re.DOTALL)
+METADATA_QUERY = {"name": "metadata", "in": "query", "required": False, "style": "deepObject", "explode": True,
+                  "description": "Only jobs whose metadata holds every pair given as `metadata[key]=value`.",
+                  "schema": {"type": "object", "propertyNames": {"maxLength": schemas.METADATA_KEY_CHARS,
+                                                                   "pattern": schemas.METADATA_KEY_PATTERN},
+                             "additionalProperties": {"type": "string"}}}
+
+
+def _metadata_filters(request: Request) -> list:
+    """``?metadata[key]=value``, repeatable: jobs whose metadata holds every such pair."""
+    where = []
+    for name, value in request.query_params.multi_items():
+        match = _METADATA_FILTER.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            key = schemas.metadata_key(match.group(1))
+            schemas.metadata_value(value)
+        except ValueError as exc:
+            raise validation_problem([{"loc": ["query", name], "type": "value_error", "msg": str(exc)}]) from None
+        where.append(tables.Job.job_metadata[key].as_string() == value)
+    return where
+
+
+@router.get("", response_model=schemas.JobList, summary="List jobs, newest first", responses=problems(401, 422),
+            openapi_extra={"parameters": [METADATA_QUERY]})
+def list_jobs(request: Request, session: SessionDep, tenant: TenantDep,
               status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> schemas.JobList:
-    where = (tables.Job.status == status,) if status is not None else ()
-    rows, cursor = page_owned(session, tables.Job, tenant, limit=limit, after=after, where=where)
+    """Filters combine: `?status=running&metadata[team]=vision&metadata[stage]=prod` lists the
+    tenant's running jobs created with both of those metadata pairs. Pages follow with `?after=`
+    the `next_cursor` of the previous page (with the same filters)."""
+    where = [tables.Job.status == status] if status is not None else []
+    where += _metadata_filters(request)
+    rows, cursor = page_owned(session, tables.Job, tenant, limit=limit, after=after, where=tuple(where))
     return schemas.JobList(data=[schemas.Job.of(r) for r in rows], next_cursor=cursor)
 
 

@@ -1,14 +1,14 @@
 """webhooks: the job's webhook_url and events filter, tenants' signing secrets, the delivery outbox and its attempts
 
 Revision ID: 0007_webhooks
-Revises: 0005_event_cursor_index
+Revises: 0006_job_fields
 """
 from alembic import op
 import sqlalchemy as sa
 
 
 revision = '0007_webhooks'
-down_revision = '0005_event_cursor_index'
+down_revision = '0006_job_fields'
 branch_labels = None
 depends_on = None
 
