@@ -27,7 +27,8 @@ from stack import ROOT, running
 from test_service_e2e import zip_dir
 
 FAST_JOB = {"erm": {"epochs": 2, "batch_size": 64}, "masking": {"batch_size": 64}, "preview_count": 2}
-ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json"}
+ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "report.png", "previews.png", "config.json",
+             "model_card.json"}
 
 
 def masktune(*args, env: dict[str, str] | None = None, wait: bool = True):
