@@ -27,7 +27,7 @@ from jobstore.statuses import UploadStatus
 from .errors import ApiError, TransferError, retry_after
 from .models import (
     ArchitectureList, Artifact, ArtifactList, Dataset, DatasetList, Event, EventList, Health, Job, JobList, Model,
-    ModelList, Readiness,
+    ModelList, Readiness, WebhookDeliveryList, WebhookSecret,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -243,18 +243,27 @@ class MaskTuneClient:
     # ------------------------------------------------------------------ jobs
 
     def create_job(self, dataset_id: str, config: dict[str, Any] | None = None, *,
-                   idempotency_key: str | None = None) -> Job:
+                   idempotency_key: str | None = None, metadata: dict[str, str] | None = None,
+                   max_runtime_s: int | None = None, webhook_url: str | None = None,
+                   webhook_events_filter: list[str] | None = None) -> Job:
         """Queue a job on a ready dataset; ``config`` is the job configuration (every field has a default).
+        ``metadata``: up to 16 string pairs to find it by (list_jobs(metadata=...)); ``max_runtime_s``: it fails
+        with ``timeout`` past it; ``webhook_url``: its events are POSTed there, signed (create_webhook_secret first).
 
         All attempts of this call send one Idempotency-Key (``idempotency_key``, else a fresh
         one), so a retry after a lost answer returns the job the first attempt created."""
         key = idempotency_key or f"masktune-client-{uuid.uuid4()}"
-        body = {**(config or {}), "dataset_id": dataset_id}
+        fields = {"metadata": metadata, "max_runtime_s": max_runtime_s, "webhook_url": webhook_url,
+                  "webhook_events_filter": webhook_events_filter}
+        body = {**(config or {}), **{k: v for k, v in fields.items() if v is not None}, "dataset_id": dataset_id}
         response = self._call("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
         return Job.model_validate(response.json())
 
-    def list_jobs(self, *, status: str | None = None, limit: int = 20, after: str | None = None) -> JobList:
-        return self._get("/v1/jobs", JobList, status=status, limit=limit, after=after)
+    def list_jobs(self, *, status: str | None = None, limit: int = 20, after: str | None = None,
+                  metadata: dict[str, str] | None = None) -> JobList:
+        """Newest first; ``metadata``: only jobs carrying every one of these pairs."""
+        pairs = {f"metadata[{k}]": v for k, v in (metadata or {}).items()}
+        return self._get("/v1/jobs", JobList, status=status, limit=limit, after=after, **pairs)
 
     def get_job(self, job_id: str) -> Job:
         return self._get(f"/v1/jobs/{job_id}", Job)
@@ -266,6 +275,18 @@ class MaskTuneClient:
     def delete_job(self, job_id: str) -> None:
         """Delete a finished job with its events and artifacts (409 ``job_active`` otherwise)."""
         self._call("DELETE", f"/v1/jobs/{job_id}")
+
+    def list_webhook_deliveries(self, job_id: str) -> WebhookDeliveryList:
+        """The job's webhook messages, each with its attempts (time, HTTP status or error)."""
+        return self._get(f"/v1/jobs/{job_id}/webhook-deliveries", WebhookDeliveryList)
+
+    def create_webhook_secret(self) -> WebhookSecret:
+        """Create or rotate the tenant's webhook signing secret (``whsec_...``): shown in this answer only."""
+        return WebhookSecret.model_validate(self._call("POST", "/v1/webhook-secret", repeatable=False).json())
+
+    def get_webhook_secret(self) -> WebhookSecret:
+        """Whether the tenant has a webhook secret, and since when (never the secret itself)."""
+        return self._get("/v1/webhook-secret", WebhookSecret)
 
     def list_events(self, job_id: str, *, after: int | None = None, limit: int = 100) -> EventList:
         return self._get(f"/v1/jobs/{job_id}/events", EventList, after=after, limit=limit)

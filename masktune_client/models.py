@@ -64,6 +64,11 @@ class Job(_Body):
     attempts: int
     error: JobError | None = None
     metrics: dict[str, Any] | None = None
+    metadata: dict[str, str] = {}
+    max_runtime_s: int | None = None
+    estimated_finish: datetime | None = None  # while running, from the epochs measured so far
+    webhook_url: str | None = None
+    webhook_events_filter: list[str] = []
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -153,3 +158,36 @@ class ArchitectureList(_Body):
     timm: str
     reported_at: datetime | None = None
     versions: dict[str, str] = {}
+
+
+class WebhookSecret(_Body):
+    object: str = "webhook_secret"
+    secret: str | None = None  # only in the answer that created it
+    exists: bool = True
+    created_at: datetime | None = None
+
+
+class WebhookAttempt(_Body):
+    attempt: int
+    started_at: datetime
+    duration_ms: float
+    http_status: int | None = None
+    error: str | None = None
+
+
+class WebhookDelivery(_Body):
+    id: str  # the webhook-id header, the same on every attempt
+    object: str = "webhook_delivery"
+    type: str  # job.succeeded | job.failed | job.cancelled | job.stage
+    url: str
+    status: str  # pending | delivered | failed
+    payload: dict[str, Any]
+    next_attempt_at: datetime | None = None
+    created_at: datetime
+    finished_at: datetime | None = None
+    attempts: list[WebhookAttempt]
+
+
+class WebhookDeliveryList(_Body):
+    object: str = "list"
+    data: list[WebhookDelivery]

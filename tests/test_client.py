@@ -374,6 +374,25 @@ def test_cli_cancel_then_delete(api, ready_dataset, cli_env):
     assert gone.value.status == 404
 
 
+def test_job_fields_metadata_filter_and_webhook_routes(api, ready_dataset, run):
+    job = api.create_job(ready_dataset.id, FAST_JOB, metadata={"team": "vision", "ticket": "ML-7"}, max_runtime_s=600)
+    try:
+        assert job.metadata == {"team": "vision", "ticket": "ML-7"} and job.max_runtime_s == 600
+        assert [j.id for j in api.list_jobs(metadata={"team": "vision", "ticket": "ML-7"}).data] == [job.id]
+        assert api.list_jobs(metadata={"team": "audio"}).data == []
+        assert api.list_webhook_deliveries(job.id).data == []  # no webhook_url: no message
+    finally:
+        api.cancel_job(job.id)
+    assert api.get_webhook_secret().exists is False
+    created = api.create_webhook_secret()
+    assert created.secret.startswith("whsec_")
+    shown = api.get_webhook_secret()
+    assert shown.exists and shown.secret is None and shown.created_at == created.created_at  # never shown again
+    with pytest.raises(ApiError) as refused:
+        api.create_job(ready_dataset.id, FAST_JOB, webhook_url="http://10.0.0.1/hook")  # a private address
+    assert refused.value.status == 422 and refused.value.code == "webhook_url_not_allowed"
+
+
 def test_datasets_page_and_delete(api, ready_dataset, run):
     everything = [d.id for d in api.list_datasets(limit=100).data]
     assert {ready_dataset.id, run["output"]["dataset"]["id"]} <= set(everything)
