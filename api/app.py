@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
-from jobstore.db import migrate
+from jobstore.db import check_schema, migrate
 from jobstore.settings import get_settings
+from jobstore.webhooks import send_after_commit
 
-from . import __version__
+from . import __version__, metrics
+from .body_limit import BodyLimitMiddleware
 from .errors import PROBLEM_MEDIA_TYPE, install
-from .routes import architectures, datasets, health, jobs, models
-from .uploads import BodyLimitMiddleware
+from .observability import ObservabilityMiddleware, configure_logging
+from .queue import send_webhooks
+from .routes import architectures, datasets, health, jobs, models, webhooks
 
 DESCRIPTION = """MaskTune (Asgari Taghanaki et al., NeurIPS 2022) as a service: upload a dataset (and
 optionally starting weights), create a job, follow its events, download metrics and weights.
@@ -26,7 +32,9 @@ Every route but the health probes needs `Authorization: Bearer <key>`. Errors ar
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await anyio.to_thread.run_sync(migrate, get_settings().database_url)
+    settings = get_settings()
+    configure_logging(settings.log_format)  # again for a bare `uvicorn api.app:app`; python -m api sets it first
+    await anyio.to_thread.run_sync(migrate if settings.migrate_on_start else check_schema, settings.database_url)
     yield
 
 
@@ -34,8 +42,20 @@ app = FastAPI(title="MaskTune Service", version=__version__, description=DESCRIP
 install(app)
 app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_upload_bytes,
                    upload_paths=("/v1/datasets", "/v1/models"), idle_timeout_s=get_settings().upload_idle_timeout_s)
-for module in (health, datasets, models, jobs, architectures):
+app.add_middleware(ObservabilityMiddleware)  # added last: outermost, it sees the body limit's refusals too
+for module in (health, datasets, models, jobs, architectures, metrics, webhooks):
     app.include_router(module.router)
+# A job cancelled while queued announces it: its webhook message is queued after the commit.
+send_after_commit(send_webhooks)
+
+# The dashboard: static files that call the API above from the browser (outside the OpenAPI schema).
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"
+app.mount("/dashboard", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")
+
+
+@app.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    return RedirectResponse("/dashboard/")
 
 
 def _openapi() -> dict[str, Any]:

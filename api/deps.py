@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session
 
 from jobstore.blobs import BlobStore
 from jobstore.db import autocommit, new_session
-from jobstore.jobs import STATUSES, TERMINAL
+from jobstore.logs import annotate
 from jobstore.models import Artifact, Dataset, Job, Model, Tenant
 from jobstore.settings import Settings, get_settings
+from jobstore.statuses import ACTIVE, UploadStatus
 from jobstore.tenants import tenant_for_key
 
 from .errors import ProblemError
@@ -129,6 +130,7 @@ def authenticate(session: Session, credentials: HTTPAuthorizationCredentials | N
     tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
         raise unauthorized("The API key is invalid or revoked.")
+    annotate(tenant=tenant)  # on the request's log lines from here on
     return tenant
 
 
@@ -147,13 +149,12 @@ TenantDep = Annotated[str, Depends(current_tenant)]
 Owned = TypeVar("Owned", Dataset, Model, Job)
 
 # Rows a tenant no longer sees (a deleted dataset or model is kept as a tombstone while jobs reference it).
-_HIDDEN = {Dataset: (Dataset.status != "deleted",), Model: (Model.status != "deleted",)}
+_HIDDEN = {Dataset: (Dataset.status != UploadStatus.DELETED,), Model: (Model.status != UploadStatus.DELETED,)}
 _NAMES = {Dataset: "dataset", Model: "model", Job: "job"}
 # Every public id is prefix_hex: anything else (a NUL byte, 10 kB of text) is unknown without asking
 # the database, which may refuse such a string outright (PostgreSQL rejects NUL in text).
 _ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 
-ACTIVE = tuple(s for s in STATUSES if s not in TERMINAL)  # queued, running, cancelling
 RETRY_AFTER_S = 30
 
 
@@ -235,8 +236,8 @@ def storage_used(session: Session, tenant: str) -> int:
     """Bytes the tenant keeps: its uploaded datasets and models (not deleted) and its jobs' artifacts
     (datasets registered by URL stay in the tenant's own storage)."""
     datasets = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
-        Dataset.tenant_id == tenant, Dataset.status != "deleted", Dataset.source_url.is_(None))
-    models = select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant, Model.status != "deleted")
+        Dataset.tenant_id == tenant, Dataset.status != UploadStatus.DELETED, Dataset.source_url.is_(None))
+    models = select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant, Model.status != UploadStatus.DELETED)
     artifacts = select(func.coalesce(func.sum(Artifact.size_bytes), 0)).join(Job, Job.id == Artifact.job_id).where(
         Job.tenant_id == tenant)
     return sum(int(session.scalar(q) or 0) for q in (datasets, models, artifacts))

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobstore.logs import annotate
+
 log = logging.getLogger("api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -77,6 +79,7 @@ def problem_body(status: int, code: str, detail: str, errors: list[dict] | None 
 
 def problem_response(status: int, code: str, detail: str, *, errors: list[dict] | None = None,
                      headers: dict[str, str] | None = None) -> JSONResponse:
+    annotate(problem=code)  # on the request's access line, and counted for rejected uploads (api.metrics)
     return JSONResponse(problem_body(status, code, detail, errors), status_code=status, headers=headers,
                         media_type=PROBLEM_MEDIA_TYPE)
 

@@ -10,7 +10,7 @@ import threading
 
 from celery import Celery
 
-from jobstore.settings import COMMAND_REPORT_DEVICE, Settings
+from jobstore.settings import COMMAND_REPORT_DEVICE, TASK_DELIVER_WEBHOOK, Settings, get_settings
 
 # Fail a request within seconds when the broker is down instead of hanging on retries.
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
@@ -34,6 +34,12 @@ def celery_app(settings: Settings) -> Celery:
 def send_task(settings: Settings, name: str, object_id: str) -> None:
     """Queue task ``name`` with its single argument, the object id. Raises if the broker is unreachable."""
     celery_app(settings).send_task(name, args=[object_id], retry=True, retry_policy=_PUBLISH_RETRY)
+
+
+def send_webhooks(delivery_ids: list[str]) -> None:
+    """Queue the delivery of webhook messages just committed (jobstore.webhooks.send_after_commit)."""
+    for delivery_id in delivery_ids:
+        send_task(get_settings(), TASK_DELIVER_WEBHOOK, delivery_id)
 
 
 def check_broker(settings: Settings) -> None:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 from jobspec import JobConfig, is_architecture_name
 from jobstore import models as tables
-from jobstore.jobs import STATUSES
+from jobstore import webhook_urls
+from jobstore.statuses import DeliveryStatus, JobStatus, UploadStatus
+from jobstore.webhooks import DEFAULT_EVENTS, WebhookEvent
+
+# What a client can see of an upload (a deleted one is gone from every answer).
+UploadState = Literal[UploadStatus.VALIDATING, UploadStatus.READY, UploadStatus.INVALID]
 
 
 
@@ -29,7 +36,7 @@ class Dataset(BaseModel):
     sha256: str = Field(description="sha256 of the upload's bytes, or of source_url's listing (keys, sizes, ETags), "
                                     "set by validation: it changes when the data does.")
     source_url: str | None = Field(None, description="Where a dataset registered by URL lives (normalised); null for uploads.")
-    status: Literal["validating", "ready", "invalid"] = Field(
+    status: UploadState = Field(
         description="validating: a worker is checking the archive; ready: usable by jobs; invalid: see error.")
     error: str | None = None
     summary: dict[str, Any] | None = Field(None, description="What validation found (classes, splits, counts, groups).")
@@ -60,7 +67,7 @@ class Model(BaseModel):
     num_classes: int
     size_bytes: int
     sha256: str
-    status: Literal["validating", "ready", "invalid"]
+    status: UploadState
     error: str | None = None
     created_at: Timestamp
     updated_at: Timestamp
@@ -87,6 +94,35 @@ class ModelForm(BaseModel):
         return value
 
 
+# Job metadata, as OpenAI's: at most 16 pairs of strings. A key can always be named in a
+# ?metadata[key]= filter, which the databases match against the stored JSON text of the key.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+METADATA_KEY_PATTERN = r'^[^\[\]"\\\x00-\x1f\x7f]+$'
+_METADATA_KEY = re.compile(METADATA_KEY_PATTERN)
+
+
+def metadata_key(key: str) -> str:
+    if not _METADATA_KEY.match(key):
+        raise ValueError('a metadata key cannot be empty or hold [, ], ", \\ or control characters')
+    return key
+
+
+def metadata_value(value: str) -> str:
+    if "\x00" in value:  # PostgreSQL keeps no NUL in text
+        raise ValueError("a metadata value cannot hold NUL characters")
+    return value
+
+
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS), AfterValidator(metadata_key)],
+         Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS), AfterValidator(metadata_value)]],
+    Field(max_length=METADATA_PAIRS),
+    WithJsonSchema({"type": "object", "maxProperties": METADATA_PAIRS,
+                    "propertyNames": {"maxLength": METADATA_KEY_CHARS, "pattern": METADATA_KEY_PATTERN},
+                    "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_CHARS},
+                    "examples": [{"team": "vision", "ticket": "ML-142"}]})]
+
+
 class JobCreate(JobConfig):
     """A job: the dataset to run on plus the full MaskTune configuration (every field has a default)."""
 
@@ -95,10 +131,30 @@ class JobCreate(JobConfig):
         "erm": {"epochs": 20, "lr": 0.01, "batch_size": 128}, "masking": {"method": "xgradcam", "threshold_std": 2.0},
         "finetune": {"epochs": 1}, "seed": 0}]})
     dataset_id: str = Field(min_length=1, max_length=64, description="A ready dataset (ds_...).")
+    metadata: Metadata = Field(
+        default_factory=dict, description=f"Up to {METADATA_PAIRS} string pairs of your own (keys up to {METADATA_KEY_CHARS} "
+        f"characters, values up to {METADATA_VALUE_CHARS}), returned with the job; GET /v1/jobs?metadata[key]=value filters by them.")
+    max_runtime_s: int | None = Field(
+        None, ge=1, description="Fail the job (error code timeout) this many seconds after its first start; default 86400 "
+                                "(24 h), at most MASKTUNE_MAX_RUNTIME_S_LIMIT (the README's Settings).")
+
+    # Webhooks (README, Webhooks): stored with the job, not part of its config.
+    webhook_url: str | None = Field(None, max_length=webhook_urls.MAX_URL_LENGTH, examples=["https://example.com/hooks/masktune"],
+                                    description="http(s) URL to POST the job's events to, signed with the tenant's webhook "
+                                                "secret (POST /v1/webhook-secret first); public addresses only.")
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS), min_length=1, description="Which events to send: job.succeeded, "
+        "job.failed, job.cancelled (the default: all three) and job.stage (each stage the job enters).")
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _distinct(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(value))
 
     def config(self) -> dict[str, Any]:
         """The resolved JobConfig, as stored with the job."""
-        return self.model_dump(mode="json", exclude={"dataset_id"})
+        return self.model_dump(mode="json", exclude={"dataset_id", "metadata", "max_runtime_s", "webhook_url",
+                                                      "webhook_events_filter"})
 
 
 class JobError(BaseModel):
@@ -109,7 +165,7 @@ class JobError(BaseModel):
 class Job(BaseModel):
     id: str = Field(examples=["job_0123456789abcdef0123"])
     object: Literal["job"] = "job"
-    status: Literal[STATUSES]  # type: ignore[valid-type]
+    status: JobStatus
     stage: str | None = Field(None, description="While running: prepare, erm, saliency, finetune, jtt_identify, jtt, "
                                                 "dfr, evaluate, export (those of the job's methods).")
     progress: float = Field(description="0..1 within the whole run.")
@@ -119,10 +175,17 @@ class Job(BaseModel):
     attempts: int = Field(description="Deliveries to a worker so far.")
     error: JobError | None = None
     metrics: dict[str, Any] | None = Field(None, description="Headline metrics once succeeded (metrics.json has them all).")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Your pairs from the job's creation.")
+    max_runtime_s: int | None = Field(None, description="The job fails with error code timeout this long after its first start.")
+    estimated_finish: Timestamp | None = Field(
+        None, description="While running: when the worker expects it to finish, from the epoch times measured so far "
+                          "(null when queued, before the first epoch, and once finished).")
     created_at: Timestamp
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
     updated_at: Timestamp
+    webhook_url: str | None = Field(None, description="Where the job's events are POSTed (null: nowhere).")
+    webhook_events_filter: list[WebhookEvent] = Field(description="Which events are sent to webhook_url.")
 
     @classmethod
     def of(cls, row: tables.Job) -> Job:
@@ -131,8 +194,11 @@ class Job(BaseModel):
             error = JobError(code=row.error_code or "error", message=row.error_message or "")
         return cls(id=row.id, status=row.status, stage=row.stage, progress=row.progress, dataset_id=row.dataset_id,
                    model_id=row.model_id, config=row.config, attempts=row.attempts, error=error,
-                   metrics=row.metrics_summary, created_at=row.created_at, started_at=row.started_at,
-                   finished_at=row.finished_at, updated_at=row.updated_at)
+                   metrics=row.metrics_summary, metadata=row.job_metadata or {}, max_runtime_s=row.max_runtime_s,
+                   estimated_finish=row.estimated_finish_at if row.status == JobStatus.RUNNING else None,
+                   created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+                   updated_at=row.updated_at,
+                   webhook_url=row.webhook_url, webhook_events_filter=row.webhook_events_filter or list(DEFAULT_EVENTS))
 
 
 class Event(BaseModel):
@@ -223,3 +289,57 @@ class ArchitectureList(BaseModel):
     timm: str = Field(description="Any timm CNN is accepted as timm/<name>; the listed ones have cached weights.")
     reported_at: Timestamp | None = Field(description="When a worker last reported (null: none has yet; the list is then empty).")
     versions: dict[str, str] = Field(default_factory=dict, description="The reporting worker's torch, torchvision and timm.")
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+class WebhookSecretCreated(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str = Field(examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+                        description="Standard Webhooks signing secret. Shown in this answer only: store it now.")
+    created_at: Timestamp
+
+
+class WebhookSecretInfo(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    exists: bool = Field(description="Whether the tenant has a secret (the secret itself is never shown again).")
+    created_at: Timestamp | None = None
+
+
+class WebhookAttempt(BaseModel):
+    attempt: int = Field(description="1 for the first attempt.")
+    started_at: Timestamp
+    duration_ms: float
+    http_status: int | None = Field(None, description="The receiver's answer; null when there was none (see error).")
+    error: str | None = Field(None, description="Why there was no answer: refused address, connection, timeout.")
+
+    @classmethod
+    def of(cls, row: tables.WebhookAttempt) -> WebhookAttempt:
+        return cls(attempt=row.attempt, started_at=row.started_at, duration_ms=row.duration_ms,
+                   http_status=row.http_status, error=row.error)
+
+
+class WebhookDelivery(BaseModel):
+    id: str = Field(examples=["msg_0123456789abcdef0123"], description="The message id: its webhook-id header, the same on every attempt.")
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    type: WebhookEvent
+    url: str
+    status: DeliveryStatus = Field(description="pending (being tried, or waiting for its next attempt), delivered (a 2xx), "
+                                               "failed (refused with a 4xx other than 408/429, or out of attempts).")
+    payload: dict[str, Any] = Field(description="The body every attempt sends: {type, timestamp, data}.")
+    next_attempt_at: Timestamp | None = Field(None, description="While pending: when the next attempt is due.")
+    created_at: Timestamp
+    finished_at: Timestamp | None = None
+    attempts: list[WebhookAttempt]
+
+    @classmethod
+    def of(cls, row: tables.WebhookDelivery, attempts: list[tables.WebhookAttempt]) -> WebhookDelivery:
+        pending = row.status == DeliveryStatus.PENDING
+        return cls(id=row.id, type=row.event_type, url=row.url, status=row.status, payload=json.loads(row.body),
+                   next_attempt_at=row.next_attempt_at if pending else None, created_at=row.created_at,
+                   finished_at=row.finished_at, attempts=[WebhookAttempt.of(a) for a in attempts])
+
+
+class WebhookDeliveryList(BaseModel):
+    data: list[WebhookDelivery] = Field(description="The job's webhook messages, oldest first, each with its attempts.")

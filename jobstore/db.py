@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,7 +28,9 @@ def _sqlite_folder(url: str) -> None:
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         _sqlite_folder(url)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # JSON as UTF-8 text: SQLite's JSON paths (?metadata[key]= filters) match a key only as written unescaped.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               json_serializer=partial(json.dumps, ensure_ascii=False))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _):
@@ -70,10 +75,28 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
-def migrate(url: str) -> None:
-    """Bring the database schema to the newest revision."""
-    _sqlite_folder(url)
+def _alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the database schema to the newest revision."""
+    _sqlite_folder(url)
+    command.upgrade(_alembic_config(url), "head")
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database is not at the revision this code needs (its migrations were not applied)."""
+
+
+def check_schema(url: str) -> None:
+    """Raise SchemaNotCurrent unless the database is at the newest revision; reads, never writes."""
+    head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+    with get_engine(url).connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current != head:
+        raise SchemaNotCurrent(f"the database schema is at revision {current or 'none (empty database)'}, this code "
+                               f"needs {head}: run `python -m api.manage migrate` (compose: the migrate service) first")

@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .statuses import DeliveryStatus, JobStatus, UploadStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -53,7 +55,7 @@ class Dataset(Base):
     # Where the bytes are: an upload in our blob store (blob_key), or the tenant's own storage (source_url).
     blob_key: Mapped[str | None] = mapped_column(String(500), default=None)
     source_url: Mapped[str | None] = mapped_column(Text, default=None)
-    status: Mapped[str] = mapped_column(String(20), default="validating")  # validating | ready | invalid
+    status: Mapped[str] = mapped_column(String(20), default=UploadStatus.VALIDATING)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     summary: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -71,7 +73,7 @@ class Model(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     blob_key: Mapped[str] = mapped_column(String(500))
-    status: Mapped[str] = mapped_column(String(20), default="validating")
+    status: Mapped[str] = mapped_column(String(20), default=UploadStatus.VALIDATING)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -86,7 +88,7 @@ class Job(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"), default=None)
     config: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED, index=True)
     stage: Mapped[str | None] = mapped_column(String(20), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -106,6 +108,16 @@ class Job(Base):
     sent_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     # When the reconciler deleted the work area (checkpoints, stage outputs) of the finished job.
     work_expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The client's own labels ("metadata" is taken on declarative classes, hence the attribute name).
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    # The run stops (failed, timeout) at deadline_at = the first start + max_runtime_s (null on rows older than the limit).
+    max_runtime_s: Mapped[int | None] = mapped_column(Integer, default=None)
+    deadline_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The worker's estimate, written at every epoch (worker.estimate).
+    estimated_finish_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Webhooks: where to POST the job's events, and which of them (None: the terminal ones).
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -144,3 +156,45 @@ class WorkerCatalog(Base):
     hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
     catalog: Mapped[dict[str, Any]]
     reported_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing key (Standard Webhooks, whsec_...): kept as is, the worker signs with it."""
+
+    __tablename__ = "webhook_secrets"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One webhook message (an event of a job, for its webhook_url): the outbox row, written in the
+    transaction of the event itself, then sent and retried until delivered or failed."""
+
+    __tablename__ = "webhook_deliveries"
+    # The worker's and the reconciler's question: which pending messages are due.
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)  # the webhook-id header: the same on every attempt
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    event_type: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)  # the exact bytes every attempt sends and signs
+    status: Mapped[str] = mapped_column(String(20), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due; while an attempt runs, when it counts as lost (a lease).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[float] = mapped_column(Float)
+    http_status: Mapped[int | None] = mapped_column(Integer, default=None)  # None: no answer (see error)
+    error: Mapped[str | None] = mapped_column(Text, default=None)

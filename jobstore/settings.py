@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .dataset_urls import normalize_url
 
 MIN_BEATS_PER_TIMEOUT = 3  # a job is presumed lost only after at least this many heartbeat intervals without one
+DEFAULT_MAX_RUNTIME_S = 24 * 3600  # a job's max_runtime_s when its body names none (capped by max_runtime_s_limit)
 
 
 class Settings(BaseSettings):
@@ -33,6 +36,10 @@ class Settings(BaseSettings):
         description='JSON {"tenant name": ["s3://bucket/prefix/", ...], "*": [...]}: where each tenant (or every tenant, "*") may '
                     "register a dataset by URL; empty: nowhere. Never inside the service's own blob store.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good (a worker that dies mid-job counts).")
+    max_runtime_s_limit: int = Field(
+        DEFAULT_MAX_RUNTIME_S, ge=1, description="The largest max_runtime_s a job may ask for; a job that names none gets "
+        f"{DEFAULT_MAX_RUNTIME_S} s (24 h), or this limit if lower. Raise visibility_timeout_s with it (Redis "
+        "redelivers a job still running past that).")
     visibility_timeout_s: int = Field(24 * 3600, ge=60, description="Redis redelivers an unacknowledged job after this long; must exceed the longest job.")
     progress_interval_s: float = Field(1.0, ge=0, description="Least time between two progress writes of a running job.")
     device: str | None = Field(None, description="Worker device (cpu, cuda, cuda:1); default: CUDA when present. A worker "
@@ -51,15 +58,45 @@ class Settings(BaseSettings):
     report_catalog: bool = Field(True, description="Workers write their architectures and cached pretrained weights to the database when they start (GET /v1/architectures).")
     api_host: str = Field("127.0.0.1", description="Address the API binds (python -m api, the embedded start).")
     api_port: int = Field(8000, description="Port the API binds (python -m api, the embedded start).")
+    migrate_on_start: bool = Field(
+        True, description="The API applies the database migrations when it starts. Compose sets false: its one-shot "
+        "`migrate` service applies them before the API starts, and the API only checks the schema is current.")
+    bootstrap_tenant: str = Field("default", min_length=1, max_length=200,
+                                  description="Tenant of the first API key `python -m api.manage migrate --bootstrap-key` creates.")
+    bootstrap_api_key: str | None = Field(
+        None, min_length=20, description="The secret of that first key (at least 20 characters); unset: one is generated "
+        "and printed once. Used only while the database holds no API key.")
     api_workers: int = Field(1, ge=1, description="API processes python -m api runs (uvicorn workers): about one per core.")
     events_poll_interval_s: float = Field(1.0, gt=0, description="How often an event stream (GET /v1/jobs/{id}/events as text/event-stream) reads new events.")
     events_keepalive_s: float = Field(15.0, gt=0, description="An event stream sends a keep-alive comment this often, so proxies and clients keep it open.")
+    # Webhooks (README, Webhooks).
+    webhook_max_attempts: int = Field(8, ge=1, description="Attempts to deliver one webhook message before it is marked failed.")
+    webhook_retry_base_s: float = Field(15.0, gt=0, description="Wait before the 2nd attempt of a webhook message; doubled before each later one.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Time one webhook attempt may take (connect, send, answer) before it counts as failed.")
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list, description='JSON list of CIDRs, e.g. ["10.1.0.0/16"]: webhook URLs may point there as well as at '
+        "public addresses; loopback, private, link-local (the cloud metadata address), multicast and reserved ones are refused otherwise.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines of the API and the workers: text, or one JSON object per line (timestamp, level, logger, "
+        "message; request_id and tenant in the API, job_id and stage in a job's worker process).")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Port of a worker's Prometheus exporter (GET /metrics on "
+                                     "every interface); 0 or empty: none. One port per worker process on a host.")
+
+    @field_validator("worker_metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: object) -> object:
+        return 0 if value == "" else value
 
     @field_validator("dataset_url_prefixes")
     @classmethod
     def _normalised_prefixes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         # A prefix the checker cannot read is a deployment error: refuse to start, not every request.
         return {tenant: [normalize_url(p) + "/" for p in prefixes] for tenant, prefixes in value.items()}
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(network.strip(), strict=False)) for network in value]
 
     @model_validator(mode="after")
     def _timeout_spans_beats(self) -> Settings:
@@ -113,6 +150,7 @@ class Settings(BaseSettings):
                 TASK_RUN_JOB: {"queue": self.jobs_queue},
                 TASK_VALIDATE_DATASET: {"queue": self.validation_queue},
                 TASK_VALIDATE_MODEL: {"queue": self.validation_queue},
+                TASK_DELIVER_WEBHOOK: {"queue": self.validation_queue},  # short HTTP calls: CPU processes send them
             },
         }
 
@@ -121,6 +159,7 @@ class Settings(BaseSettings):
 TASK_RUN_JOB = "masktune.run_job"
 TASK_VALIDATE_DATASET = "masktune.validate_dataset"
 TASK_VALIDATE_MODEL = "masktune.validate_model"
+TASK_DELIVER_WEBHOOK = "masktune.deliver_webhook"
 # The broadcast command each worker answers with its device and queues (GET /readyz).
 COMMAND_REPORT_DEVICE = "masktune_report_device"
 

@@ -17,14 +17,14 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(session: Session, tenant_name: str) -> tuple[str, str]:
-    """(key id, secret) for a new key of the tenant, created if new."""
+def create_key(session: Session, tenant_name: str, secret: str | None = None) -> tuple[str, str]:
+    """(key id, secret) for a new key of the tenant, created if new; the secret is generated unless given."""
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:
         tenant = Tenant(id=new_id("ten"), name=tenant_name)
         session.add(tenant)
         session.flush()
-    secret = f"mt_{secrets.token_urlsafe(32)}"
+    secret = secret or f"mt_{secrets.token_urlsafe(32)}"
     key = ApiKey(id=new_id("key"), tenant_id=tenant.id, key_hash=hash_key(secret))
     session.add(key)
     return key.id, secret
@@ -55,6 +55,13 @@ def tenant_for_key(session: Session, secret: str) -> str | None:
         session.execute(update(ApiKey).where(ApiKey.id == key.id, stale).values(last_used_at=now))
         session.commit()
     return key.tenant_id
+
+
+def bootstrap_key(session: Session, tenant_name: str, secret: str | None) -> tuple[str, str] | None:
+    """A first key for a database that holds none: (key id, secret), else None (keys exist already)."""
+    if session.scalar(select(ApiKey.id).limit(1)) is not None:
+        return None
+    return create_key(session, tenant_name, secret)
 
 
 def revoke_key(session: Session, key_id: str) -> bool:

@@ -9,8 +9,6 @@ validation, then the coefficients of ``resamples`` fits on balanced subsets of a
 
 from __future__ import annotations
 
-from contextlib import closing
-
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -18,9 +16,9 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from .data import SplitRows
-from .errors import DfrNeedsValGroups, JobCancelled
+from .errors import DfrNeedsValGroups
 from .models import head_name
-from .training import LoopSettings, in_order, model_input, predict_logits, read_ahead
+from .training import LoopSettings, eval_outputs, predict_logits
 
 
 # ---------------------------------------------------------------- JTT
@@ -52,18 +50,11 @@ def penultimate_features(model: nn.Module, data: SplitRows, batch_size: int, loo
     head = model.get_submodule(head_name(model))
     seen: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().flatten(1)))
-    was_training = model.training
-    model.eval()
     try:
-        with closing(read_ahead(data, in_order(len(data), batch_size), pin=loop.on_gpu)) as batch_images:
-            for images_u8 in batch_images:
-                if loop.should_cancel():
-                    raise JobCancelled()
-                with loop.autocast():
-                    model(model_input(images_u8, loop))
+        for _ in eval_outputs(model, data, batch_size, loop):
+            pass  # the hook keeps what reaches the head
     finally:
         hook.remove()
-        model.train(was_training)
     return torch.cat(seen).cpu().double().numpy()
 
 

@@ -1,6 +1,6 @@
 """Reading a user's dataset: the layouts, splits, decoding and transforms.
 
-Layouts (DESIGN.md section 4):
+Layouts (README "Datasets"):
   ImageFolder  train/<class>/*.png [val/ test/]   or just <class>/*.png
   Manifest     a CSV at the root: filename,label[,split][,group]
                (Waterbirds' img_filename,y,split,place and SubpopBench's

@@ -176,7 +176,7 @@ def _probe(model: nn.Module, input_size: int) -> dict[str, _Output]:
 
 
 def _resnet_target(model: torchvision.models.ResNet, outputs: dict[str, _Output]) -> str:
-    # DESIGN 3.2: the last block of the deepest stage whose map is at least 4x4.
+    # The last block of the deepest stage whose map is at least 4x4; at 224 px layer4, the official choice (docs/method.md).
     for stage in ("layer4", "layer3", "layer2"):
         if outputs[stage].shape[-1] >= 4:
             return f"{stage}.{len(getattr(model, stage)) - 1}"

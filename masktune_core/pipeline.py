@@ -35,7 +35,9 @@ from .errors import ConfigError, DatasetError, DfrNeedsValGroups, JobCancelled, 
 from .masking import pack_masks, threshold_masks, unpack_masks
 from .memory import map_large_buffers
 from .baselines import fit_dfr_head, misclassified, penultimate_features, set_head, upsampled, without_groups
-from .metrics import LABELS, group_shares, recommend, selective_classification, split_metrics, verdict
+from .metrics import (
+    LABELS, MIN_GROUP_IMAGES, group_shares, recommend, selective_classification, split_metrics, verdict,
+)
 from .model_card import write_model_card
 from .models import (
     create_model, load_state, load_weights, pretrained_location, pretrained_state_dict, resolve_input_size,
@@ -486,8 +488,13 @@ class MaskTuneRun:
         (self.workdir / rf.DFR_MODEL).parent.mkdir(exist_ok=True)
         save_weights(model, self.workdir / rf.DFR_MODEL)
         rf.write_json(self.workdir / rf.DFR_SUMMARY, found)
-        self._emit("info", 1.0, f"DFR: C={found['c']}, {found['images_per_group']} validation images per group in "
-                   f"each of {cfg.resamples} balanced fits", **found)
+        message = (f"DFR: C={found['c']}, {found['images_per_group']} validation images per group in each of "
+                   f"{cfg.resamples} balanced fits")
+        if found["images_per_group"] < MIN_GROUP_IMAGES:  # a last layer fitted on a handful of images per group
+            self._emit("warning", 1.0, f"Warning: {message}; with so few, DFR's last layer may fit those images rather "
+                       "than the groups: a larger validation split with more minority images helps", **found)
+        else:
+            self._emit("info", 1.0, message, **found)
 
     # ------------------------------------------------------------ evaluation and export
 

@@ -187,20 +187,24 @@ def in_order(count: int, batch_size: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: SplitRows, batch_size: int, loop: LoopSettings) -> torch.Tensor:
-    """Eval-mode logits on the CPU, float32 [N, classes]; gathered on the device and copied back once."""
+def eval_outputs(model: nn.Module, data: SplitRows, batch_size: int, loop: LoopSettings) -> Iterator[torch.Tensor]:
+    """The model's eval-mode outputs, batch by batch in row order, on the device; its mode is restored after."""
     was_training = model.training
     model.eval()
-    out = []
     try:
         with closing(read_ahead(data, in_order(len(data), batch_size), pin=loop.on_gpu)) as batch_images:
             for images_u8 in batch_images:
                 if loop.should_cancel():
                     raise JobCancelled()
                 with loop.autocast():
-                    out.append(model(model_input(images_u8, loop)).float())
+                    yield model(model_input(images_u8, loop))
     finally:
         model.train(was_training)
+
+
+def predict_logits(model: nn.Module, data: SplitRows, batch_size: int, loop: LoopSettings) -> torch.Tensor:
+    """Eval-mode logits on the CPU, float32 [N, classes]; gathered on the device and copied back once."""
+    out = [logits.float() for logits in eval_outputs(model, data, batch_size, loop)]
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 

@@ -52,7 +52,7 @@ def main() -> int:
     print(f"""
 MaskTune Service at {url}  (docs: {url}/docs)
   API key (tenant 'local'): {secret}
-  export MASKTUNE_KEY={secret}
+  export MASKTUNE_URL={url} MASKTUNE_API_KEY={secret}   # read by the masktune CLI and client
   database: {settings.database_url}
   blobs:    {settings.blob_url}
   broker:   {settings.broker_url}   worker logs: {worker_log}, {settings.data_dir / "validation-worker.log"}

@@ -380,6 +380,27 @@ def test_jobs_starting_from_uploaded_weights(stack, a, b, dataset_a):
                    422, "model_invalid")
 
 
+def test_dfr_jobs_need_group_labels_in_the_dataset_summary(stack, a, dataset_a):
+    body = {"dataset_id": dataset_a, "methods": ["masktune", "jtt", "dfr"]}
+    problem = assert_problem(a.post("/v1/jobs", json=body), 422, "dfr_needs_val_groups")
+    assert dataset_a in problem["detail"] and "group" in problem["detail"]
+    assert a.post("/v1/jobs", json={**body, "methods": ["masktune", "jtt"]}).status_code == 201  # JTT needs no groups
+    grouped = ready_dataset(stack, a)
+    summary = {"classes": ["cat", "dog"], "groups": ["cat/indoor", "cat/outdoor", "dog/indoor", "dog/outdoor"],
+               "splits": {"train": {"images": 6}, "val": {"images": 6}}, "split_origin": {"val": "carved (seeded)"}}
+    sql(stack, "UPDATE datasets SET summary=%s::json WHERE id=%s", json.dumps(summary), grouped)
+    created = a.post("/v1/jobs", json={**body, "dataset_id": grouped})
+    assert created.status_code == 201, created.text
+    assert created.json()["config"]["methods"] == ["masktune", "jtt", "dfr"]
+    # CelebA: the groups are the job's data.group_attribute.
+    celeba = ready_dataset(stack, a)
+    sql(stack, "UPDATE datasets SET summary=%s::json WHERE id=%s", json.dumps({"layout": "celeba", "images": 6}), celeba)
+    celeba_body = {**body, "dataset_id": celeba, "data": {"label_attribute": "Blond_Hair"}}
+    assert_problem(a.post("/v1/jobs", json=celeba_body), 422, "dfr_needs_val_groups")
+    celeba_body["data"]["group_attribute"] = "Male"
+    assert a.post("/v1/jobs", json=celeba_body).status_code == 201
+
+
 def test_idempotency_key_replays_the_same_job(stack, a, dataset_a, queues):
     headers = {"Idempotency-Key": "replay-1"}
     first = a.post("/v1/jobs", json={"dataset_id": dataset_a}, headers=headers)

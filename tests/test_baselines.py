@@ -81,6 +81,9 @@ def test_every_method_is_reported_per_split_with_the_same_metric_names(full_run)
     assert all(b >= a - 1e-9 for a, b in zip(progress, progress[1:]))
     assert rec.events[-1].kind == "done" and rec.events[-1].progress == 1.0
     assert rec.epochs("jtt") == [1, 2]
+    # 8 validation images in each minority group: DFR's fit is flagged as resting on few images.
+    assert metrics["dfr_head"]["images_per_group"] == 8
+    assert [e.data["images_per_group"] for e in rec.events if e.kind == "warning" and e.stage == "dfr"] == [8]
     # The final message names the recommended model.
     chosen = metrics["verdict"]["recommended"]
     assert f"({chosen['artifact']})" in rec.events[-1].message and rec.events[-1].message == metrics["verdict"]["message"]

@@ -24,9 +24,10 @@ def compose(name: str = "docker-compose.yml") -> dict:
 
 def test_services_ports_and_health_checks():
     services = compose()["services"]
-    assert set(services) == {"api", "worker", "beat", "redis", "postgres"}
+    assert set(services) == {"migrate", "api", "worker", "beat", "redis", "postgres"}
     for name, service in services.items():
-        assert "test" in service["healthcheck"], name
+        if name != "migrate":  # one-shot: it exits, and the others wait for its success
+            assert "test" in service["healthcheck"], name
     assert "8000:8000" in services["api"]["ports"]
     for name in ("api", "worker", "beat"):
         for dependency in ("redis", "postgres"):
@@ -99,7 +100,7 @@ def test_exactly_one_beat_sends_the_reconciler():
 def test_api_runs_several_processes_as_documented():
     services = compose()["services"]
     api = services["api"]
-    assert api["command"] == ["python", "-m", "api"]  # migrations once, then uvicorn with MASKTUNE_API_WORKERS
+    assert api["command"] == ["python", "-m", "api"]  # uvicorn with MASKTUNE_API_WORKERS
     env = api["environment"]
     settings = Settings(**{k[len("MASKTUNE_"):].lower(): v for k, v in env.items()})
     assert settings.api_workers >= 2 and settings.api_host == "0.0.0.0"
@@ -109,3 +110,23 @@ def test_api_runs_several_processes_as_documented():
     stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.M)
     image = next(s for s in stages if s.split()[2:3] == ["api"])
     assert 'CMD ["python", "-m", "api"]' in image and "MASKTUNE_API_HOST=0.0.0.0" in image
+
+
+def test_migrations_and_the_first_key_come_from_a_one_shot_service_before_the_rest():
+    services = compose()["services"]
+    migrate = services["migrate"]
+    assert migrate["command"] == ["python", "-m", "api.manage", "migrate", "--bootstrap-key"]
+    assert migrate["restart"] == "no" and migrate["build"]["target"] == "api"  # the small image, run once
+    assert migrate["environment"]["MASKTUNE_BOOTSTRAP_API_KEY"] == "${MASKTUNE_BOOTSTRAP_API_KEY:-}"  # from .env
+    assert migrate["environment"]["MASKTUNE_DATABASE_URL"] == services["api"]["environment"]["MASKTUNE_DATABASE_URL"]
+    for name in ("api", "worker", "beat"):
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
+    api_env = services["api"]["environment"]
+    assert Settings(migrate_on_start=api_env["MASKTUNE_MIGRATE_ON_START"]).migrate_on_start is False  # no API process migrates
+    for name, service in services.items():
+        if name != "migrate":
+            assert service["restart"] == "unless-stopped", name
+    env_example = (ROOT / ".env.example").read_text()
+    assert "# MASKTUNE_BOOTSTRAP_API_KEY=" in env_example
+    known = {f"MASKTUNE_{name.upper()}" for name in Settings.model_fields}
+    assert {k for k in migrate["environment"] if k.startswith("MASKTUNE_")} <= known

@@ -28,7 +28,8 @@ from stack import REDIS_URL, Stack
 from test_service_e2e import upload_dataset, zip_dir
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json", "model_card.json"}
+ARTIFACTS = {"metrics.json", "model.safetensors", "erm.safetensors", "report.png", "previews.png", "config.json",
+             "model_card.json"}
 # One ERM epoch: most tests are about what happens around a job, and the 20-job race pays for each epoch 20 times.
 JOB = {"erm": {"epochs": 1, "batch_size": 32}, "masking": {"batch_size": 64}, "preview_count": 2}
 # Smaller ERM batches: most of a second per epoch here, so a kill lands between two epochs.

@@ -130,8 +130,8 @@ def test_upload_job_follow_events_download(stack, client, dataset, tiny_digits, 
     assert follow_events(client, job["id"], last_event_id=ids[-1])[0] == []
 
     listed = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-    assert {a["name"] for a in listed} == {"metrics.json", "model.safetensors", "erm.safetensors", "previews.png", "config.json",
-                                          "model_card.json"}
+    assert {a["name"] for a in listed} == {"metrics.json", "model.safetensors", "erm.safetensors", "report.png", "previews.png",
+                                          "config.json", "model_card.json"}
     downloads = {}
     for artifact in listed:
         response = client.get(f"/v1/jobs/{job['id']}/artifacts/{artifact['name']}")

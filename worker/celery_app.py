@@ -15,7 +15,8 @@ from jobstore.settings import get_settings
 TASK_RECONCILE = "masktune.reconcile"
 
 settings = get_settings()
-app = Celery("masktune", include=["worker.device", "worker.tasks", "worker.reconciler", "worker.catalog"])
+app = Celery("masktune", include=["worker.logs", "worker.metrics", "worker.device", "worker.validation", "worker.job_run",
+                                  "worker.reconciler", "worker.catalog", "worker.webhooks"])
 app.conf.update(settings.celery_config())
 app.conf.update(
     worker_max_tasks_per_child=1,

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from jobstore import blob_keys
 from jobstore.blobs import BlobStore
 from masktune_core.decoded import entry_dir, entry_files, entry_name, locked
 
@@ -41,7 +42,7 @@ class DatasetCache:
             yield
 
     def _prefix(self, size: int) -> str:
-        return f"datasets/{self.dataset_id}/decoded/{entry_name(size)}"
+        return blob_keys.dataset_decoded(self.dataset_id, entry_name(size))
 
     def fetch(self, size: int) -> bool:
         """Bring the stored entry for ``size`` here unless this machine has one; True if downloaded.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from jobstore import blob_keys
 from jobstore.blobs import BlobStore
 from masktune_core.runfolder import STATE, WORK, is_temporary
 
@@ -22,7 +23,7 @@ class Workspace:
         self.job_dir = work_dir / job_id
         self.root = self.job_dir / attempt
         self.workdir = self.root / WORK
-        self.prefix = f"jobs/{job_id}/work"
+        self.prefix = blob_keys.job_work(job_id)
         self._synced: dict[str, tuple[int, int]] = {}
 
     def _files(self) -> dict[str, Path]:

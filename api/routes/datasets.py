@@ -14,13 +14,16 @@ from sqlalchemy.orm import Session
 
 from jobstore import models as tables
 from jobstore.dataset_urls import BadDatasetUrl, check_dataset_url
+from jobstore import blob_keys
 from jobstore.ids import new_id
 from jobstore.settings import TASK_VALIDATE_DATASET, Settings
+from jobstore.statuses import ACTIVE, UploadStatus
 
 from .. import schemas
-from ..deps import ACTIVE, BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
+from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems
-from ..uploads import Form, accept_upload, is_json, keep_and_queue, read_json_body
+from ..multipart import Form
+from ..uploads import accept_upload, is_json, keep_and_queue, read_json_body
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -55,10 +58,11 @@ async def create_dataset(request: Request, session: SessionDep, tenant: TenantDe
 
     def make_row(form: Form) -> tables.Dataset:
         return tables.Dataset(id=ds_id, tenant_id=tenant, filename=form.file.filename, size_bytes=form.file.size_bytes,
-                              sha256=form.file.sha256, blob_key=f"datasets/{ds_id}/upload", status="validating")
+                              sha256=form.file.sha256, blob_key=blob_keys.dataset_upload(ds_id), status=UploadStatus.VALIDATING)
 
     row = await accept_upload(request, session=session, settings=settings, blobs=blobs, tenant=tenant,
-                              prefix=f"datasets/{ds_id}", task=TASK_VALIDATE_DATASET, make_row=make_row)
+                              key=blob_keys.dataset_upload(ds_id), prefix=blob_keys.dataset_prefix(ds_id),
+                              task=TASK_VALIDATE_DATASET, make_row=make_row)
     return schemas.Dataset.of(row)
 
 
@@ -70,7 +74,7 @@ def _register_url(session: Session, settings: Settings, tenant: str, ds_id: str,
     except BadDatasetUrl as exc:
         raise ProblemError(422, "dataset_url_not_allowed", f"{exc}.") from None
     row = tables.Dataset(id=ds_id, tenant_id=tenant, filename=url.rsplit("/", 1)[-1], size_bytes=0, sha256="",
-                         source_url=url, status="validating")
+                         source_url=url, status=UploadStatus.VALIDATING)
     keep_and_queue(session, settings, row, TASK_VALIDATE_DATASET)
     return row
 
@@ -103,10 +107,10 @@ def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, blob
     if active is not None:
         raise ProblemError(409, "dataset_in_use", f"Job {active} still uses this dataset; cancel it or let it finish first.")
     if session.scalar(jobs.limit(1)) is not None:
-        row.status = "deleted"
+        row.status = UploadStatus.DELETED
     else:
         session.delete(row)
     session.commit()
     # After the commit: at worst a failed delete leaves unreachable bytes, never a ready dataset without data.
-    blobs.delete_prefix(f"datasets/{row.id}")
+    blobs.delete_prefix(blob_keys.dataset_prefix(row.id))
     return Response(status_code=204)

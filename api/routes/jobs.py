@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated, AsyncIterator, Literal
+from typing import Annotated, AsyncIterator
 
 import anyio
 import anyio.to_thread
@@ -21,9 +21,11 @@ from jobspec import is_architecture_name
 from jobstore import models as tables
 from jobstore.db import autocommit, session_scope
 from jobstore.ids import new_id
-from jobstore.jobs import STATUSES, TERMINAL, add_event, update_job
+from jobstore import blob_keys
+from jobstore.jobs import add_event, update_job
 from jobstore.models import utcnow
-from jobstore.settings import TASK_RUN_JOB, Settings
+from jobstore.settings import DEFAULT_MAX_RUNTIME_S, TASK_RUN_JOB, Settings
+from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
 from jobstore.tenants import tenant_for_key
 
 from .. import schemas
@@ -33,11 +35,10 @@ from ..errors import ProblemError, problems, validation_problem
 from .architectures import pretrained_reported_missing
 from ..queue import send_task
 from ..uploads import is_json
+from .webhooks import check_webhook, delete_webhook_deliveries
 
 log = logging.getLogger("api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
 
 
 def _request_hash(body: schemas.JobCreate) -> str:
@@ -58,9 +59,9 @@ def _by_key(session: Session, tenant: str, key: str) -> tables.Job | None:
 
 
 def _usable(kind: str, status: str, object_id: str, error: str | None) -> None:
-    if status == "validating":
+    if status == UploadStatus.VALIDATING:
         raise ProblemError(409, f"{kind}_not_ready", f"The {kind} {object_id} is still being validated; retry shortly.")
-    if status != "ready":
+    if status != UploadStatus.READY:
         raise ProblemError(422, f"{kind}_invalid", f"The {kind} {object_id} is not usable: {error or status}.")
 
 
@@ -107,6 +108,17 @@ def _has_val_groups(summary: dict, body: schemas.JobCreate) -> bool:
     return bool(summary.get("groups"))
 
 
+def _max_runtime_s(body: schemas.JobCreate, settings: Settings) -> int:
+    """The job's limit: as asked (422 past MASKTUNE_MAX_RUNTIME_S_LIMIT), else 24 h or the limit if lower."""
+    limit = settings.max_runtime_s_limit
+    if body.max_runtime_s is None:
+        return min(DEFAULT_MAX_RUNTIME_S, limit)
+    if body.max_runtime_s > limit:
+        raise validation_problem([{"loc": ["body", "max_runtime_s"], "type": "less_than_equal",
+                                   "msg": f"max_runtime_s can be at most {limit} s here (MASKTUNE_MAX_RUNTIME_S_LIMIT)."}])
+    return body.max_runtime_s
+
+
 async def json_body(request: Request) -> None:
     """415 unless the body is JSON: a Content-Type of application/json (or application/*+json).
 
@@ -145,7 +157,9 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
         existing = _by_key(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, request_hash)
+    check_webhook(session, tenant, body.webhook_url, settings)
     _check_inputs(session, tenant, body)
+    max_runtime_s = _max_runtime_s(body, settings)
     # Count and insert under the tenant lock, so concurrent requests cannot all take the last slot.
     lock_tenant(session, tenant)
     if idempotency_key is not None:
@@ -155,7 +169,9 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
             return _replay(existing, request_hash)
     check_job_slots(session, tenant, settings.max_active_jobs_per_tenant)
     job = tables.Job(id=new_id("job"), tenant_id=tenant, dataset_id=body.dataset_id, model_id=body.model.weights_id,
-                     config=body.config(), status="queued", idempotency_key=idempotency_key, request_hash=request_hash)
+                     config=body.config(), status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=request_hash,
+                     job_metadata=body.metadata, max_runtime_s=max_runtime_s,
+                     webhook_url=body.webhook_url, webhook_events_filter=list(body.webhook_events_filter))
     session.add(job)
     try:
         session.commit()
@@ -176,13 +192,42 @@ def create_job(body: schemas.JobCreate, session: SessionDep, tenant: TenantDep, 
     return schemas.Job.of(job)
 
 
-@router.get("", response_model=schemas.JobList, summary="List jobs, newest first", responses=problems(401, 422))
-def list_jobs(session: SessionDep, tenant: TenantDep,
+_METADATA_FILTER = re.compile(r"metadata\[(.*)\]", re.DOTALL)
+METADATA_QUERY = {"name": "metadata", "in": "query", "required": False, "style": "deepObject", "explode": True,
+                  "description": "Only jobs whose metadata holds every pair given as `metadata[key]=value`.",
+                  "schema": {"type": "object", "propertyNames": {"maxLength": schemas.METADATA_KEY_CHARS,
+                                                                   "pattern": schemas.METADATA_KEY_PATTERN},
+                             "additionalProperties": {"type": "string"}}}
+
+
+def _metadata_filters(request: Request) -> list:
+    """``?metadata[key]=value``, repeatable: jobs whose metadata holds every such pair."""
+    where = []
+    for name, value in request.query_params.multi_items():
+        match = _METADATA_FILTER.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            key = schemas.metadata_key(match.group(1))
+            schemas.metadata_value(value)
+        except ValueError as exc:
+            raise validation_problem([{"loc": ["query", name], "type": "value_error", "msg": str(exc)}]) from None
+        where.append(tables.Job.job_metadata[key].as_string() == value)
+    return where
+
+
+@router.get("", response_model=schemas.JobList, summary="List jobs, newest first", responses=problems(401, 422),
+            openapi_extra={"parameters": [METADATA_QUERY]})
+def list_jobs(request: Request, session: SessionDep, tenant: TenantDep,
               status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> schemas.JobList:
-    where = (tables.Job.status == status,) if status is not None else ()
-    rows, cursor = page_owned(session, tables.Job, tenant, limit=limit, after=after, where=where)
+    """Filters combine: `?status=running&metadata[team]=vision&metadata[stage]=prod` lists the
+    tenant's running jobs created with both of those metadata pairs. Pages follow with `?after=`
+    the `next_cursor` of the previous page (with the same filters)."""
+    where = [tables.Job.status == status] if status is not None else []
+    where += _metadata_filters(request)
+    rows, cursor = page_owned(session, tables.Job, tenant, limit=limit, after=after, where=tuple(where))
     return schemas.JobList(data=[schemas.Job.of(r) for r in rows], next_cursor=cursor)
 
 
@@ -207,15 +252,16 @@ def delete_job(job_id: str, session: SessionDep, tenant: TenantDep, blobs: Blobs
                                               "cancelled before deleting it.")
     session.execute(delete(tables.Artifact).where(tables.Artifact.job_id == job.id))
     session.execute(delete(tables.JobEvent).where(tables.JobEvent.job_id == job.id))
+    delete_webhook_deliveries(session, job.id)
     session.execute(delete(tables.Job).where(tables.Job.id == job.id))
     # A dataset or model deleted while this job referenced it was kept as a tombstone: drop it if this was the last.
     for table, object_id, column in ((tables.Dataset, job.dataset_id, tables.Job.dataset_id),
                                      (tables.Model, job.model_id, tables.Job.model_id)):
         if object_id is not None and session.scalar(select(tables.Job.id).where(column == object_id).limit(1)) is None:
-            session.execute(delete(table).where(table.id == object_id, table.status == "deleted"))
+            session.execute(delete(table).where(table.id == object_id, table.status == UploadStatus.DELETED))
     session.commit()
     # After the commit: at worst a failed delete leaves unreachable bytes, never a job without its files.
-    blobs.delete_prefix(f"jobs/{job.id}")
+    blobs.delete_prefix(blob_keys.job_prefix(job.id))
     return Response(status_code=204)
 
 
@@ -224,13 +270,13 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> schemas.J
     """A queued job is cancelled at once; a running one becomes `cancelling` and the worker stops at
     its next batch. Cancelling a cancelling or finished job changes nothing. Returns the job."""
     job = get_owned(session, tables.Job, job_id, tenant, lock="update")  # the worker's writes wait meanwhile
-    if job.status == "queued":
-        if update_job(session, job.id, status="cancelled", cancel_requested=True, finished_at=utcnow()):
-            add_event(session, job.id, "status", "Cancelled before it started.", data={"status": "cancelled"})
-    elif job.status == "running":
-        if update_job(session, job.id, status="cancelling", cancel_requested=True):
+    if job.status == JobStatus.QUEUED:
+        if update_job(session, job.id, status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow()):
+            add_event(session, job.id, "status", "Cancelled before it started.", data={"status": JobStatus.CANCELLED})
+    elif job.status == JobStatus.RUNNING:
+        if update_job(session, job.id, status=JobStatus.CANCELLING, cancel_requested=True):
             add_event(session, job.id, "status", "Cancellation requested; stopping at the next batch.",
-                      data={"status": "cancelling"})
+                      data={"status": JobStatus.CANCELLING})
     session.commit()
     session.refresh(job)
     return schemas.Job.of(job)

@@ -13,13 +13,16 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from jobstore import models as tables
+from jobstore import blob_keys
 from jobstore.ids import new_id
 from jobstore.settings import TASK_VALIDATE_MODEL
+from jobstore.statuses import ACTIVE, UploadStatus
 
 from .. import schemas
-from ..deps import ACTIVE, BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
+from ..deps import BlobsDep, SessionDep, SettingsDep, TenantDep, get_owned, page_owned
 from ..errors import ProblemError, problems, validation_problem
-from ..uploads import Form, accept_upload
+from ..multipart import Form
+from ..uploads import accept_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -67,11 +70,11 @@ async def create_model(request: Request, session: SessionDep, tenant: TenantDep,
         fields = _form_fields(form.fields)
         return tables.Model(id=mdl_id, tenant_id=tenant, filename=form.file.filename, architecture=fields.architecture,
                             num_classes=fields.num_classes, size_bytes=form.file.size_bytes, sha256=form.file.sha256,
-                            blob_key=f"models/{mdl_id}/upload", status="validating")
+                            blob_key=blob_keys.model_upload(mdl_id), status=UploadStatus.VALIDATING)
 
     row = await accept_upload(request, session=session, settings=settings, blobs=blobs, tenant=tenant,
-                              prefix=f"models/{mdl_id}", task=TASK_VALIDATE_MODEL, make_row=make_row,
-                              on_file=_check_before_storing)
+                              key=blob_keys.model_upload(mdl_id), prefix=blob_keys.model_prefix(mdl_id),
+                              task=TASK_VALIDATE_MODEL, make_row=make_row, on_file=_check_before_storing)
     return schemas.Model.of(row)
 
 
@@ -101,9 +104,9 @@ def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, blobs: B
     if active is not None:
         raise ProblemError(409, "model_in_use", f"Job {active} still uses this model; cancel it or let it finish first.")
     if session.scalar(jobs.limit(1)) is not None:
-        row.status = "deleted"
+        row.status = UploadStatus.DELETED
     else:
         session.delete(row)
     session.commit()
-    blobs.delete_prefix(f"models/{row.id}")
+    blobs.delete_prefix(blob_keys.model_prefix(row.id))
     return Response(status_code=204)

@@ -1,0 +1,17 @@
+"""A Python client and the ``masktune`` command for the MaskTune Service API.
+
+httpx and pydantic; of the service's own code only ``jobstore.statuses`` (the status names).
+"""
+
+from .client import DEFAULT_URL, MaskTuneClient
+from .errors import ApiError, TransferError
+from .models import (
+    ArchitectureInfo, ArchitectureList, Artifact, Dataset, DatasetList, Event, EventList, Health, Job, JobError, JobList,
+    Model, ModelList, Readiness, WorkerInfo,
+)
+
+__all__ = [
+    "DEFAULT_URL", "MaskTuneClient", "ApiError", "TransferError", "ArchitectureInfo", "ArchitectureList", "Artifact",
+    "Dataset", "DatasetList", "Event", "EventList", "Health", "Job", "JobError", "JobList", "Model", "ModelList",
+    "Readiness", "WorkerInfo",
+]
