@@ -195,38 +195,49 @@ def verdict(erm_correct: torch.Tensor, method_correct: torch.Tensor, keys: torch
 
 
 def recommend(by_method: dict[str, dict]) -> dict:
-    """Which model to use, from the verdicts of each method against ERM (same split and metric): only a method
-    whose call is ``improved`` is recommended over ERM, the one with the highest worst-subset accuracy among
-    them. Without one, ERM stays the recommended model; when the calls are inconclusive the reason says so and
-    which way the point estimates lean, without claiming ERM is better."""
+    """Which model to use, from the verdicts of each method against ERM (same split and metric).
+
+    A method whose call is ``improved`` is recommended (the highest worst-subset accuracy among them), with
+    ``call: improved``. When every method is ``worse``, ERM is, with ``call: worse``. Otherwise nothing is
+    established (``call: inconclusive``) and the advice rests on what the data shows: the method not called
+    worse whose worst-subset point estimate is highest, if it is above ERM's (the better bet, said as one),
+    else ERM -- never ERM against a method that looks better on a tie the data cannot decide."""
     improved = {m: v for m, v in by_method.items() if v["call"] == "improved"}
     first = next(iter(by_method.values()))
-    what = f"{first['split']} worst-{first['metric'].split('_')[1]} accuracy"
+    subset = first["metric"].split("_")[1]
+    what = f"{first['split']} worst-{subset} accuracy"
 
     def figures(m: str) -> str:
         v = by_method[m]
         low, high = v["change_interval"]
         return f"{LABELS[m]} {v['erm']:.3f} -> {v[m]:.3f} (change 95% interval {low:+.2f} to {high:+.2f})"
 
+    def chosen(method: str, call: str, why: str) -> dict:
+        return {"method": method, "artifact": rf.MODEL_ARTIFACTS[method], "call": call, "why": why}
+
     if improved:
         best = max(improved, key=lambda m: improved[m][m])
         others = [m for m in improved if m != best]
-        why = (f"{LABELS[best]} raised {what} over ERM: {figures(best)}"
-               + (f"; the highest of the improved methods ({', '.join(figures(m) for m in others)})" if others else "")
-               + ".")
-        return {"method": best, "artifact": rf.MODEL_ARTIFACTS[best], "call": "improved", "why": why}
+        return chosen(best, "improved", f"{LABELS[best]} raised {what} over ERM: {figures(best)}"
+                      + (f"; the highest of the improved methods ({', '.join(figures(m) for m in others)})" if others else "")
+                      + ".")
     calls = ", ".join(f"{figures(m)}: {v['call']}" for m, v in by_method.items())
     if all(v["call"] == "worse" for v in by_method.values()):
-        return {"method": "erm", "artifact": rf.MODEL_ARTIFACTS["erm"], "call": "worse",
-                "why": f"Every method lowered {what} ({calls}): ERM is the best model here."}
-    leader = max(by_method, key=lambda m: by_method[m][m])
-    lean = (f"by the point estimates {LABELS[leader]} leads ({by_method[leader][leader]:.3f} vs ERM "
-            f"{by_method[leader]['erm']:.3f}), within the uncertainty"
-            if by_method[leader][leader] > by_method[leader]["erm"] else "no method's point estimate is above ERM's")
-    return {"method": "erm", "artifact": rf.MODEL_ARTIFACTS["erm"], "call": "inconclusive",
-            "why": f"Inconclusive: no method is shown to raise {what} over ERM ({calls}). ERM stays the default "
-                   f"because no gain is established, not because it is shown better; {lean}. A larger validation "
-                   "split (data.val_fraction) would settle it."}
+        return chosen("erm", "worse", f"Every method lowered {what} ({calls}): ERM is the best model here.")
+    undecided = [m for m, v in by_method.items() if v["call"] != "worse"]
+    leader = max(undecided, key=lambda m: by_method[m][m])
+    v = by_method[leader]
+    if v[leader] > v["erm"]:
+        means = v[f"{subset}_mean"]
+        return chosen(leader, "inconclusive", (
+            f"Inconclusive: no method is shown to raise {what} over ERM ({calls}). On what the data shows, "
+            f"{LABELS[leader]} is the better bet: its worst-{subset} estimate is {v[leader]:.3f} vs ERM's {v['erm']:.3f}, "
+            f"and its mean {subset} accuracy {means[leader]:.3f} vs {means['erm']:.3f}; a likely gain, not a proven one "
+            "(ERM's model is erm.safetensors). A larger validation split (data.val_fraction) would settle it."))
+    return chosen("erm", "inconclusive", (
+        f"Inconclusive: no method is shown to change {what} ({calls}), and none has a point estimate above ERM's: "
+        "ERM stays the default, on the estimates, not on a proven difference. A larger validation split "
+        "(data.val_fraction) would settle it."))
 
 
 def selective_classification(
