@@ -151,7 +151,7 @@ def verdict(erm_correct: torch.Tensor, method_correct: torch.Tensor, keys: torch
     mean_before = sum(t["erm"] for t in table.values()) / len(table)
     mean_after = sum(t[method] for t in table.values()) / len(table)
     out = {
-        "method": method, "split": split, "metric": f"worst_{subset}_accuracy", "call": call,
+        "method": method, "split": split, "metric": f"worst_{subset}_accuracy", "call": call, "fitted_on_split": fit_on_split,
         "improved": call == "improved", "erm": table[erm_worst]["erm"], method: table[new_worst][method],
         "change": change, "erm_worst": erm_worst, f"{method}_worst": new_worst,
         "erm_interval": interval("erm", erm_worst), f"{method}_interval": interval(method, new_worst),
@@ -224,10 +224,11 @@ def recommend(by_method: dict[str, dict]) -> dict:
     calls = ", ".join(f"{figures(m)}: {v['call']}" for m, v in by_method.items())
     if all(v["call"] == "worse" for v in by_method.values()):
         return chosen("erm", "worse", f"Every method lowered {what} ({calls}): ERM is the best model here.")
-    undecided = [m for m, v in by_method.items() if v["call"] != "worse"]
-    leader = max(undecided, key=lambda m: by_method[m][m])
-    v = by_method[leader]
-    if v[leader] > v["erm"]:
+    # A method fitted on the judged images (DFR on val) looks better there than it is: not a bet on them.
+    undecided = [m for m, v in by_method.items() if v["call"] != "worse" and not v.get("fitted_on_split")]
+    leader = max(undecided, key=lambda m: by_method[m][m], default=None)
+    v = by_method.get(leader)
+    if v is not None and v[leader] > v["erm"]:
         means = v[f"{subset}_mean"]
         return chosen(leader, "inconclusive", (
             f"Inconclusive: no method is shown to raise {what} over ERM ({calls}). On what the data shows, "
@@ -235,9 +236,9 @@ def recommend(by_method: dict[str, dict]) -> dict:
             f"and its mean {subset} accuracy {means[leader]:.3f} vs {means['erm']:.3f}; a likely gain, not a proven one "
             "(ERM's model is erm.safetensors). A larger validation split (data.val_fraction) would settle it."))
     return chosen("erm", "inconclusive", (
-        f"Inconclusive: no method is shown to change {what} ({calls}), and none has a point estimate above ERM's: "
-        "ERM stays the default, on the estimates, not on a proven difference. A larger validation split "
-        "(data.val_fraction) would settle it."))
+        f"Inconclusive: no method is shown to change {what} ({calls}), and none has a point estimate above ERM's "
+        "on images it was not fitted on: ERM stays the default, on the estimates, not on a proven difference. A "
+        "larger validation split (data.val_fraction), or a test split, would settle it."))
 
 
 def selective_classification(

@@ -187,3 +187,5 @@ def test_the_recommendation_follows_the_calls_and_never_keeps_erm_over_a_better_
     assert behind["call"] == "inconclusive"
     assert (recommend({"jtt": behind})["method"], recommend({"jtt": behind})["call"]) == ("erm", "inconclusive")
     assert recommend({"masktune": worse})["call"] == "worse"
+    fitted = verdict(*_outcomes((100, 60, 62), (100, 90, 90)), names, "group", "val", method="dfr", fit_on_split=True)
+    assert recommend({"dfr": fitted})["method"] == "erm"  # its estimate on the images it was fitted on is no bet
