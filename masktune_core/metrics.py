@@ -1,4 +1,4 @@
-"""The numbers of DESIGN.md section 3.6-3.7, named plainly.
+"""The metrics and the verdict of docs/method.md (evaluate), named plainly.
 
 Per split ``M = {overall_accuracy, per_class, [per_group, worst_group_accuracy,
 worst_group, group_mean_accuracy, train_weighted_accuracy] | [worst_class_accuracy,
