@@ -1,6 +1,6 @@
 """A Python client and the ``masktune`` command for the MaskTune Service API.
 
-httpx and pydantic; of the service's own code only ``jobstore.statuses`` (the status names).
+httpx, pydantic and tqdm; none of the service's own code, so it installs and runs alone.
 """
 
 from .client import DEFAULT_URL, MaskTuneClient

@@ -16,11 +16,11 @@ import httpx
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from jobstore.statuses import TERMINAL, JobStatus, UploadStatus
 
 from .client import DEFAULT_URL, MaskTuneClient
 from .errors import ApiError, TransferError
 from .models import Dataset, Event, Job
+from .statuses import TERMINAL, JobStatus, UploadStatus
 
 # Exit codes (documented in --help and the README).
 OK, FAILED, USAGE, API_ERROR, UNREACHABLE = 0, 1, 2, 3, 4

@@ -22,13 +22,13 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from jobstore.statuses import UploadStatus
 
 from .errors import ApiError, TransferError, retry_after
 from .models import (
     ArchitectureList, Artifact, ArtifactList, Dataset, DatasetList, Event, EventList, Health, Job, JobList, Model,
     ModelList, Readiness, WebhookDeliveryList, WebhookSecret,
 )
+from .statuses import UploadStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})

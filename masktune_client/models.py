@@ -2,7 +2,7 @@
 
 Unknown fields are kept (``extra="allow"``), so a newer server's additions survive a round trip
 through ``model_dump()``; statuses are plain strings for the same reason (compare them with
-``jobstore.statuses``, the service's own definition: a dependency-free module).
+``masktune_client.statuses``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from jobstore.statuses import TERMINAL
+from .statuses import TERMINAL
+
 
 
 class _Body(BaseModel):

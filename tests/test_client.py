@@ -22,7 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobstore import statuses as service_statuses
 from masktune_client import ApiError, ArchitectureList, Dataset, Event, Job, MaskTuneClient
+from masktune_client import statuses as client_statuses
 from stack import ROOT, running
 from test_service_e2e import zip_dir
 
@@ -141,12 +143,19 @@ def test_the_package_declares_the_masktune_script_and_imports_no_service_code():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, name = scripts["masktune"].partition(":")
     assert callable(getattr(importlib.import_module(module), name))
-    # Of the service's code only the statuses' definition (a module without imports) comes along.
+    # None of the service's code comes along: the client installs and runs alone.
     probe = ("import sys, masktune_client, masktune_client.cli; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'api', 'worker', 'masktune_core', "
              "'jobstore', 'jobspec', 'fastapi', 'sqlalchemy', 'celery')))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert loaded.stdout.strip() == "['jobstore', 'jobstore.statuses']"
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_the_clients_status_values_are_the_services():
+    assert {s.value for s in client_statuses.JobStatus} == {s.value for s in service_statuses.JobStatus}
+    assert set(client_statuses.TERMINAL) == set(service_statuses.TERMINAL)
+    visible = {s.value for s in service_statuses.UploadStatus} - {service_statuses.UploadStatus.DELETED}
+    assert {s.value for s in client_statuses.UploadStatus} == visible  # a deleted upload is never shown
 
 
 def test_unreachable_api_and_usage_errors_have_their_exit_codes(tmp_path):
