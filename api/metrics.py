@@ -94,26 +94,23 @@ class StateCollector:
     """Read when scraped: jobs by status (one GROUP BY) and queue depths. A source that cannot be
     read leaves its series out of that scrape (and says why in the log); the rest still answers."""
 
+    SOURCES = (  # (metric, help, label, what is read, how it is read)
+        ("masktune_jobs", "Jobs by status (database).", "status", "counting jobs", job_counts),
+        ("masktune_queue_depth", "Messages waiting in a queue (broker).", "queue", "reading the queue depths", queue_depths),
+    )
+
     def collect(self) -> Iterator[Metric]:
         settings = get_settings()
-        try:
-            counts = job_counts(settings)
-        except Exception as exc:
-            log.warning("metrics: counting jobs failed: %r", exc)
-        else:
-            jobs = GaugeMetricFamily("masktune_jobs", "Jobs by status (database).", labels=["status"])
-            for status, count in counts.items():
-                jobs.add_metric([status], count)
-            yield jobs
-        try:
-            depths = queue_depths(settings)
-        except Exception as exc:
-            log.warning("metrics: reading the queue depths failed: %r", exc)
-        else:
-            queues = GaugeMetricFamily("masktune_queue_depth", "Messages waiting in a queue (broker).", labels=["queue"])
-            for queue, depth in depths.items():
-                queues.add_metric([queue], depth)
-            yield queues
+        for name, help_text, label, what, read in self.SOURCES:
+            try:
+                values = read(settings)
+            except Exception as exc:
+                log.warning("metrics: %s failed: %r", what, exc)
+                continue
+            gauge = GaugeMetricFamily(name, help_text, labels=[label])
+            for key, value in values.items():
+                gauge.add_metric([key], value)
+            yield gauge
 
 
 _STATE = CollectorRegistry()
