@@ -21,7 +21,7 @@ from .body_limit import BodyLimitMiddleware
 from .errors import PROBLEM_MEDIA_TYPE, install
 from .observability import ObservabilityMiddleware, configure_logging
 from .queue import send_webhooks
-from .routes import architectures, datasets, health, jobs, models, webhooks
+from .routes import architectures, datasets, health, jobs, models, webhooks, workers
 
 DESCRIPTION = """MaskTune (Asgari Taghanaki et al., NeurIPS 2022) as a service: upload a dataset (and
 optionally starting weights), create a job, follow its events, download metrics and weights.
@@ -43,7 +43,7 @@ install(app)
 app.add_middleware(BodyLimitMiddleware, max_upload_bytes=get_settings().max_upload_bytes,
                    upload_paths=("/v1/datasets", "/v1/models"), idle_timeout_s=get_settings().upload_idle_timeout_s)
 app.add_middleware(ObservabilityMiddleware)  # added last: outermost, it sees the body limit's refusals too
-for module in (health, datasets, models, jobs, architectures, metrics, webhooks):
+for module in (health, datasets, models, jobs, architectures, workers, metrics, webhooks):
     app.include_router(module.router)
 # A job cancelled while queued announces it: its webhook message is queued after the commit.
 send_after_commit(send_webhooks)

@@ -266,10 +266,11 @@ class Readiness(BaseModel):
     database: str = Field(description="ok, or error: <kind>")
     broker: str
     storage: str
-    workers: list[WorkerInfo] = Field(
-        default_factory=list,
-        description="Workers that answered within a second. Informational: an API without workers still accepts "
-        "jobs (they wait queued), so it does not make the answer 503.")
+
+
+class WorkerList(BaseModel):
+    data: list[WorkerInfo] = Field(description="Workers that answered within a second. An API without workers still "
+                                   "accepts jobs (they wait queued).")
 
 
 class ArchitectureInfo(BaseModel):

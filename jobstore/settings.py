@@ -17,7 +17,8 @@ DEFAULT_MAX_RUNTIME_S = 24 * 3600  # a job's max_runtime_s when its body names n
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MASKTUNE_", extra="ignore")
+    # An empty variable means unset (compose's `${X:-}` hands empty strings): the default applies.
+    model_config = SettingsConfigDict(env_prefix="MASKTUNE_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path("runs/service"), description="Root of the embedded defaults: SQLite file, blobs, broker folder, work areas.")
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under data_dir. PostgreSQL: postgresql+psycopg://user@host/db.")
@@ -80,12 +81,7 @@ class Settings(BaseSettings):
         "text", description="Log lines of the API and the workers: text, or one JSON object per line (timestamp, level, logger, "
         "message; request_id and tenant in the API, job_id and stage in a job's worker process).")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Port of a worker's Prometheus exporter (GET /metrics on "
-                                     "every interface); 0 or empty: none. One port per worker process on a host.")
-
-    @field_validator("worker_metrics_port", mode="before")
-    @classmethod
-    def _empty_port_is_off(cls, value: object) -> object:
-        return 0 if value == "" else value
+                                     "every interface); 0 (or unset): none. One port per worker process on a host.")
 
     @field_validator("dataset_url_prefixes")
     @classmethod
@@ -160,7 +156,7 @@ TASK_RUN_JOB = "masktune.run_job"
 TASK_VALIDATE_DATASET = "masktune.validate_dataset"
 TASK_VALIDATE_MODEL = "masktune.validate_model"
 TASK_DELIVER_WEBHOOK = "masktune.deliver_webhook"
-# The broadcast command each worker answers with its device and queues (GET /readyz).
+# The broadcast command each worker answers with its device and queues (GET /v1/workers).
 COMMAND_REPORT_DEVICE = "masktune_report_device"
 
 

@@ -7,11 +7,11 @@ from .client import DEFAULT_URL, MaskTuneClient
 from .errors import ApiError, TransferError
 from .models import (
     ArchitectureInfo, ArchitectureList, Artifact, Dataset, DatasetList, Event, EventList, Health, Job, JobError, JobList,
-    Model, ModelList, Readiness, WorkerInfo,
+    Model, ModelList, Readiness, WorkerInfo, WorkerList,
 )
 
 __all__ = [
     "DEFAULT_URL", "MaskTuneClient", "ApiError", "TransferError", "ArchitectureInfo", "ArchitectureList", "Artifact",
     "Dataset", "DatasetList", "Event", "EventList", "Health", "Job", "JobError", "JobList", "Model", "ModelList",
-    "Readiness", "WorkerInfo",
+    "Readiness", "WorkerInfo", "WorkerList",
 ]

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from .errors import ApiError, TransferError, retry_after
 from .models import (
     ArchitectureList, Artifact, ArtifactList, Dataset, DatasetList, Event, EventList, Health, Job, JobList, Model,
-    ModelList, Readiness, WebhookDeliveryList, WebhookSecret,
+    ModelList, Readiness, WebhookDeliveryList, WebhookSecret, WorkerList,
 )
 from .statuses import UploadStatus
 
@@ -174,13 +174,17 @@ class MaskTuneClient:
         return self._get("/healthz", Health)
 
     def readyz(self) -> Readiness:
-        """Database, broker and storage checks and the live workers; see ``Readiness.ready``.
+        """Database, broker and storage checks; see ``Readiness.ready``.
 
         A 503 here is an answer (some dependency is down), returned rather than retried."""
         response = self._http.get("/readyz")
         if response.status_code not in (200, 503):
             raise ApiError.from_response(response)
         return Readiness.model_validate(response.json())
+
+    def workers(self) -> WorkerList:
+        """The live workers, each with its device and queues (they answer within a second)."""
+        return self._get("/v1/workers", WorkerList)
 
     def architectures(self) -> ArchitectureList:
         return self._get("/v1/architectures", ArchitectureList)

@@ -131,11 +131,14 @@ class WorkerInfo(_Body):
     queues: list[str]
 
 
+class WorkerList(_Body):
+    data: list[WorkerInfo]
+
+
 class Readiness(_Body):
     database: str
     broker: str
     storage: str
-    workers: list[WorkerInfo] = []
 
     @property
     def ready(self) -> bool:

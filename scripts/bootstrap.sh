@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or reuse .venv and install the project into it when pyproject.toml changed.
+# Create or reuse .venv and install the project into it (versions from constraints.txt) when pyproject.toml
+# or constraints.txt changed.
 # `bootstrap.sh test` also installs Debian's chromium for the dashboard test when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,10 +8,10 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[api,ml,test,client]'
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[api,ml,test,client]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

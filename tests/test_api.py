@@ -134,7 +134,13 @@ def test_health_and_readiness_need_no_key(stack):
         assert anon.get("/healthz").json() == {"status": "ok"}
         r = anon.get("/readyz")
         # This stack runs no worker: the API is ready all the same (jobs wait queued), and says so.
-        assert r.status_code == 200 and r.json() == {"database": "ok", "broker": "ok", "storage": "ok", "workers": []}
+        assert r.status_code == 200 and r.json() == {"database": "ok", "broker": "ok", "storage": "ok"}
+        assert anon.get("/v1/workers").status_code == 401  # who runs where is for key holders
+
+
+def test_workers_lists_none_when_none_answers(stack, keys):
+    with stack.client(keys["tenant-a"]) as client:
+        assert client.get("/v1/workers").json() == {"data": []}
 
 
 def test_requests_without_a_live_key_get_401(stack, keys):

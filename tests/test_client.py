@@ -251,6 +251,7 @@ def test_health_readiness_and_architectures(api):
     assert api.healthz().status == "ok"
     ready = api.readyz()
     assert ready.ready and ready.database == "ok"
+    assert all(w.device == "cpu" for w in api.workers().data)
     listing = api.architectures()
     assert isinstance(listing, ArchitectureList) and "timm/<name>" in listing.timm
     assert listing.data == [] and listing.reported_at is None  # this stack's workers do not report

@@ -240,7 +240,8 @@ def test_embedded_defaults_run_the_same_flow(tiny_digits, tmp_path):
             ready = client.get("/readyz").json()
             assert {k: ready[k] for k in ("database", "broker", "storage")} == {"database": "ok", "broker": "ok", "storage": "ok"}
             # Both embedded workers answer, each with the device its jobs run on (no GPU here).
-            assert {w["name"].split("@")[0]: (w["device"], w["queues"]) for w in ready["workers"]} == {
+            workers = client.get("/v1/workers").json()["data"]
+            assert {w["name"].split("@")[0]: (w["device"], w["queues"]) for w in workers} == {
                 "jobs": ("cpu", ["masktune.jobs"]), "validation": ("cpu", ["masktune.validation"])}
             weights = client.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors").content
         assert (tmp_path / "svc/masktune.db").exists()
