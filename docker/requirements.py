@@ -13,8 +13,8 @@ from pathlib import Path
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-def requirements(extras: list[str], without: set[str]) -> list[str]:
-    project = tomllib.loads(PYPROJECT.read_text())["project"]
+def requirements(extras: list[str], without: set[str], pyproject: Path = PYPROJECT) -> list[str]:
+    project = tomllib.loads(pyproject.read_text())["project"]
     name, optional = project["name"], project["optional-dependencies"]
     out, todo, seen = list(project["dependencies"]), list(extras), set()
     while todo:
@@ -36,5 +36,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("extras", nargs="+")
     ap.add_argument("--without", nargs="*", default=[], help="package names to leave out")
+    ap.add_argument("--pyproject", type=Path, default=PYPROJECT)
     args = ap.parse_args()
-    print("\n".join(requirements(args.extras, {w.lower() for w in args.without})))
+    print("\n".join(requirements(args.extras, {w.lower() for w in args.without}, args.pyproject)))
